@@ -1,0 +1,135 @@
+"""Batched activation extraction with nnsight traces, the same code for local and NDIF runs.
+
+A batch holds ``b`` items as ``2b`` rows: the ``b`` positive prompts, then the ``b``
+negative prompts, left-padded to one length so that every row's read index points at
+the same token of its own prompt. Inside the trace, only ``output[:, read_index, :]`` of
+each requested block is kept, and the forward pass stops after the last requested block.
+
+Two reductions decide what a trace returns:
+
+* ``slices``: the stacked ``[2b, n_layers, d_model]`` slices, in the model's dtype;
+* ``sum``: the per-layer float32 sum of positive minus negative over the batch,
+  ``[n_layers, d_model]``, plus a ``[b]`` flag per item that is false where a slice is
+  not finite. On NDIF this is computed on the server, so only these come back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nnsight
+import torch
+
+from .models import LayerStack
+from .prompts import EncodedPair
+
+REDUCTIONS = ("slices", "sum")
+
+
+@dataclass
+class Batch:
+    """Model inputs for ``len(item_indices)`` items: positive rows first, then negative rows."""
+
+    item_indices: list[int]
+    input_ids: torch.Tensor  # [2b, T]
+    attention_mask: torch.Tensor  # [2b, T]
+    position_ids: torch.Tensor  # [2b, T]
+
+    @property
+    def size(self) -> int:
+        return len(self.item_indices)
+
+
+@dataclass
+class BatchResult:
+    """What one traced batch returns, moved to the CPU."""
+
+    item_indices: list[int]
+    slices: torch.Tensor | None = None  # [2b, n_layers, d_model]
+    difference_sum: torch.Tensor | None = None  # [n_layers, d_model], float32
+    finite: torch.Tensor | None = None  # [b], bool
+
+
+def make_batch(pairs: list[EncodedPair], pad_token_id: int) -> Batch:
+    """Left-pad the positive then the negative prompts of ``pairs`` into one batch.
+
+    Position ids count from each row's first real token. Models with absolute position
+    embeddings (GPT-2) would otherwise see shifted positions on padded rows.
+    """
+    rows = [pair.positive for pair in pairs] + [pair.negative for pair in pairs]
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row_index, row in enumerate(rows):
+        input_ids[row_index, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention_mask[row_index, width - len(row):] = 1
+    position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+    return Batch([pair.index for pair in pairs], input_ids, attention_mask, position_ids)
+
+
+def trace_batches(model, envoys: list, batches: list[Batch], read_index: int, reduction: str,
+                  **session_options) -> list[tuple]:
+    """Trace ``batches`` in one nnsight session and return one tuple of saved values per batch.
+
+    ``session_options`` go to ``model.session``: ``remote=True`` (with ``backend=``)
+    makes the whole session one NDIF request. ``envoys`` are the requested blocks in
+    execution order, because nnsight 0.8 requires a trace to read modules in that order.
+
+    For ``reduction="slices"`` each tuple is ``(slices,)``; for ``"sum"`` it is
+    ``(difference_sum, finite)``. The session body refers only to tensors, ints and
+    strings, ``torch`` and ``nnsight``: it is serialized by source for NDIF, and the
+    server cannot import this package.
+    """
+    inputs = [
+        (batch.input_ids, batch.attention_mask, batch.position_ids, batch.size)
+        for batch in batches
+    ]
+    with model.session(**session_options):
+        outputs = nnsight.save([])
+        for input_ids, attention_mask, position_ids, n_items in inputs:
+            with model.trace(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            ) as tracer:
+                layer_slices = []
+                for envoy in envoys:
+                    output = envoy.output
+                    # transformers 5 returns a tensor from a decoder block, 4 a tuple.
+                    if isinstance(output, tuple):
+                        output = output[0]
+                    layer_slices.append(output[:, read_index, :])
+                stacked = torch.stack(layer_slices, dim=1)  # [2b, n_layers, d_model]
+
+                if reduction == "sum":
+                    # [b, n_layers, d_model] in float32 whatever the model dtype
+                    difference = stacked[:n_items].float() - stacked[n_items:].float()
+                    outputs.append((
+                        difference.sum(dim=0),  # [n_layers, d_model]
+                        torch.isfinite(difference).flatten(1).all(dim=1),  # [b]
+                    ))
+                else:
+                    outputs.append((stacked,))
+
+                # Nothing after the last requested block is needed: skip the rest and the LM head.
+                tracer.stop()
+    return list(outputs)
+
+
+def to_results(batches: list[Batch], outputs: list[tuple], reduction: str) -> list[BatchResult]:
+    """Pair each batch with its saved values, detached and moved to the CPU."""
+    results = []
+    for batch, values in zip(batches, outputs, strict=True):
+        values = [value.detach().to("cpu") for value in values]
+        if reduction == "sum":
+            results.append(BatchResult(batch.item_indices, difference_sum=values[0], finite=values[1]))
+        else:
+            results.append(BatchResult(batch.item_indices, slices=values[0]))
+    return results
+
+
+def run_batches_locally(model, stack: LayerStack, layers: list[int], batches: list[Batch],
+                        read_index: int, reduction: str) -> list[BatchResult]:
+    """Trace ``batches`` on the model's own device, one session for all of them."""
+    envoys = [stack.envoy(model, layer) for layer in layers]
+    with torch.no_grad():
+        outputs = trace_batches(model, envoys, batches, read_index, reduction)
+    return to_results(batches, outputs, reduction)
