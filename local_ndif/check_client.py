@@ -84,7 +84,7 @@ def check_model(model_dir: str, expected_key: str, args) -> bool:
     # to_model_key() resolves the repo id with a Hub lookup, which fails offline.
     # A local directory is its own id, so the cache is seeded with it.
     nnsight_hf._ID_CACHE[model_dir] = model_dir
-    # The task must be given: transformers cannot infer one from a directory path.
+    # The task must be given, because transformers cannot infer one from a directory path.
     model = TransformersModel(model_dir, task=TASK)
     key = model.to_model_key()
     print(f"{os.path.basename(model_dir)}\n  key: {key}")
@@ -115,12 +115,12 @@ def main() -> int:
     host = os.environ.get("NDIF_HOST")
     models = deployed_models()
     if not host or not models:
-        print("NDIF_HOST or NDIF_MODEL_KEY_* is not set; load stack.env first (see --help).", file=sys.stderr)
+        print("NDIF_HOST or NDIF_MODEL_KEY_* is not set. Load stack.env first (see --help).", file=sys.stderr)
         return 2
 
     import nnsight
 
-    # nnsight also reads NDIF_HOST itself; setting it here makes the target explicit.
+    # nnsight also reads NDIF_HOST itself. Setting it here makes the target explicit.
     nnsight.CONFIG.API.HOST = host
     nnsight.CONFIG.APP.REMOTE_LOGGING = False
     print(f"NDIF host {host}, nnsight {nnsight.__version__}")

@@ -1,4 +1,4 @@
-"""A model actor for NDIF 0.1.2 that holds the weights in CPU memory.
+"""A model actor for NDIF 0.1.2 that keeps the weights in CPU memory.
 
 NDIF's stock actor (``ndif.services.ray.deployments.modeling.base.ModelActor``)
 pins a CUDA device while loading, synchronizes and empties the CUDA cache after

@@ -10,17 +10,18 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=local_ndif/env.sh
+# shellcheck source=env.sh
 source "$here/env.sh"
 
-# NOTE: Ray 2.60's gcs_server often ignores SIGTERM: it stalls flushing metrics to
-# an agent that has already exited, so the grace period mostly bounds that wait.
+# NOTE: Ray 2.60's gcs_server (and sometimes the raylet) often outlive SIGTERM,
+# because they stall flushing metrics to an agent that has already exited. The
+# grace period mostly bounds that wait.
 grace_s="${NDIF_DOWN_GRACE_S:-10}"
 
 netns_exists() { ip netns list | grep -qw "$NDIF_NETNS"; }
 netns_pids() { ip netns pids "$NDIF_NETNS" 2>/dev/null || true; }
 
-# Remove the files that say the stack is up, whether or not it was.
+# Remove stack.env and the PID files first, so nothing reads them during shutdown.
 rm -f "$NDIF_STACK_HOME/stack.env" "$NDIF_STACK_HOME/stack.env.tmp" "$NDIF_STACK_RUN"/*.pid
 
 if ! netns_exists; then
@@ -51,7 +52,7 @@ fi
 
 left="$(netns_pids)"
 if [[ -n "$left" ]]; then
-  echo "[down] ERROR: processes survive SIGKILL in netns $NDIF_NETNS: $(echo $left). The namespace is kept." >&2
+  echo "[down] ERROR: processes survive SIGKILL in netns $NDIF_NETNS: ${left//$'\n'/ }. The namespace is kept." >&2
   exit 1
 fi
 ip netns delete "$NDIF_NETNS"

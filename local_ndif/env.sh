@@ -1,8 +1,9 @@
+# shellcheck shell=bash
 # Environment of the local NDIF stack: paths, ports and the settings the NDIF
 # processes read. Sourced by install.sh, up.sh and down.sh; tests source the
 # stack.env that up.sh writes instead.
 #
-# NDIF_STACK_HOME (default <repo>/.ndif-stack) holds the server venv, logs,
+# NDIF_STACK_HOME (default <repo>/.ndif-stack) contains the server venv, logs,
 # PID files and the Ray and NDIF state, so a clean clone starts from nothing.
 
 NDIF_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,7 +16,7 @@ export NDIF_STACK_RUN="$NDIF_STACK_HOME/run"
 export NDIF_CLIENT_PYTHON="${NDIF_CLIENT_PYTHON:-$NDIF_REPO/.venv/bin/python}"
 
 # Network namespace with only a loopback interface. Ray looks up its own IP by
-# probing an outside address; inside this namespace it can only find 127.0.0.1.
+# probing an outside address, and inside this namespace it finds only 127.0.0.1.
 export NDIF_NETNS=ndifvec
 
 # Ports, all bound to 127.0.0.1 inside the namespace.
@@ -29,7 +30,7 @@ export NDIF_API_PORT=8001
 export NDIF_HOME="$NDIF_STACK_HOME/ndif-home"
 export NDIF_REDIS_URL="redis://127.0.0.1:$NDIF_REDIS_PORT"
 export NDIF_OBJECT_STORE_URL="http://127.0.0.1:$NDIF_S3_PORT"
-# moto accepts any key pair; these are not secrets.
+# moto accepts any key pair, so these are not secrets.
 export NDIF_OBJECT_STORE_ACCESS_KEY=local NDIF_OBJECT_STORE_SECRET_KEY=local
 export NDIF_RAY_ADDRESS="ray://127.0.0.1:$NDIF_RAY_CLIENT_PORT"
 export NDIF_API_URL="http://127.0.0.1:$NDIF_API_PORT"
@@ -43,7 +44,7 @@ export HF_HOME="$NDIF_STACK_HOME/hf-home"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 export RAY_USAGE_STATS_ENABLED=0 GRPC_ENABLE_FORK_SUPPORT=0
 
-# The server venv's `ray`, `ndif` and `python` come first for the server
-# processes; cpu_actor.py is imported by the Ray workers from this directory.
+# The server venv's `ray`, `ndif` and `python` come first on PATH for the server
+# processes. The Ray workers import cpu_actor.py from local_ndif/.
 export PATH="$NDIF_SERVER_VENV/bin:$PATH"
 export PYTHONPATH="$NDIF_REPO/local_ndif"

@@ -10,13 +10,13 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=local_ndif/env.sh
+# shellcheck source=env.sh
 source "$here/env.sh"
 
-# Pins of the server venv. The NDIF server (ndif 0.1.2) requires Python 3.12.
+# Pins of the server venv. ndif 0.1.2 requires Python 3.12 or 3.13.
 # transformers 5.23 and later break nnsight 0.8.1, and nnsight must match the
 # client's 0.8.1 because the request payload is nnsight's own serialization.
-# torch 2.13.0 is PyPI's CUDA build; it runs on CPU.
+# torch 2.13.0 from PyPI is a CUDA build, which also runs on a CPU-only machine.
 server_pins=(
   "torch==2.13.0"
   "ndif[api,ray]==0.1.2"
@@ -32,20 +32,18 @@ log() { printf '[install] %s\n' "$*"; }
 
 # --- Debian packages -------------------------------------------------------
 missing=()
-command -v redis-server >/dev/null || missing+=(redis-server)
+# redis-cli (the health check) comes with redis-server as a dependency.
+command -v redis-server >/dev/null && command -v redis-cli >/dev/null || missing+=(redis-server)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v curl >/dev/null || missing+=(curl)
 if ((${#missing[@]})); then
   log "apt-get install ${missing[*]}"
   apt-get update -qq
+  # A system Redis that the package may start does not conflict: the stack's own
+  # Redis listens inside the network namespace.
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-  # The Debian package enables a system Redis on 6379; we only need the binary.
-  # Stopping it is harmless where no init system runs (containers, CI).
-  if command -v systemctl >/dev/null && systemctl is-active --quiet redis-server 2>/dev/null; then
-    systemctl stop redis-server || true
-  fi
 else
-  log "apt packages present (redis-server, ip, curl)"
+  log "apt packages present (redis-server, redis-cli, ip, curl)"
 fi
 
 # --- server virtualenv ------------------------------------------------------

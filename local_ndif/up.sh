@@ -3,7 +3,7 @@
 #
 #   bash local_ndif/up.sh [MODELS_DIR]
 #
-# MODELS_DIR holds one transformers directory per model (a subdirectory with a
+# MODELS_DIR contains one transformers directory per model (a subdirectory with a
 # config.json); every one of them is deployed. Without the argument the test
 # models are written to $NDIF_STACK_HOME/models by scripts/make_test_models.py.
 #
@@ -19,7 +19,7 @@
 set -Eeuo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=local_ndif/env.sh
+# shellcheck source=env.sh
 source "$here/env.sh"
 
 # Timeouts in seconds, each measured from the start of its own step.
@@ -30,8 +30,8 @@ deploy_timeout="${NDIF_UP_DEPLOY_TIMEOUT_S:-600}"
 ready_timeout="${NDIF_UP_READY_TIMEOUT_S:-300}"
 
 # Logical resources the Ray head advertises. The controller places each model on
-# a GPU by `cuda_memory_bytes`, so one logical GPU stands in for the missing
-# card; the CPU actor then ignores it. Each model actor and the controller
+# a GPU by `cuda_memory_bytes`, so one logical GPU replaces the missing card,
+# and the CPU actor ignores the GPU id it gets. Each model actor and the controller
 # reserve one logical CPU, so the count is above the 2 real cores of a CI machine.
 ray_num_cpus="${NDIF_RAY_NUM_CPUS:-4}"
 ray_cuda_memory_bytes="${NDIF_RAY_CUDA_MEMORY_BYTES:-8589934592}"
@@ -60,7 +60,7 @@ fail() {
 trap 'fail "command failed at line $LINENO: $BASH_COMMAND"' ERR
 
 # Poll CONDITION (a shell command) every half second until it succeeds or
-# TIMEOUT seconds pass; on timeout, fail with WHAT and the LOG to read.
+# TIMEOUT seconds pass. On timeout, fail with WHAT and the LOG to read.
 wait_for() {
   local what="$1" timeout="$2" log_file="$3" condition="$4"
   local deadline=$(($(date +%s) + timeout))
@@ -148,7 +148,7 @@ for model_dir in model_dirs:
         "size_bytes": weights,
         "dtype": "float32",
         "actor_class": "cpu_actor.CPUModelActor",
-        # Pinned: never evicted, so the tests never wait for a reload.
+        # A pinned deployment is exempt from the controller's eviction, so no test waits for a reload.
         "pinned": True,
     })
     name = re.sub(r"[^A-Za-z0-9]+", "_", model_dir.name).upper()
@@ -177,7 +177,7 @@ log "redis on :$NDIF_REDIS_PORT and moto (S3) on :$NDIF_S3_PORT up"
 # --- Ray head and NDIF controller -------------------------------------------
 # Adapted from ndif/services/ray/start.sh (head branch): every address is
 # 127.0.0.1 and the resources include the logical GPU described above.
-# `ray start` daemonizes; its processes stay in the namespace for down.sh.
+# `ray start` daemonizes, and its processes stay in the namespace for down.sh.
 cpu_memory_bytes=$("$NDIF_SERVER_VENV/bin/python" -c 'import psutil; print(psutil.virtual_memory().total)')
 resources="{\"head\": 10, \"cuda_memory_bytes\": $ray_cuda_memory_bytes, \"cpu_memory_bytes\": $cpu_memory_bytes}"
 ray_log="$NDIF_STACK_LOGS/ray-start.log"
@@ -232,9 +232,10 @@ stack_env="$NDIF_STACK_HOME/stack.env"
 ready_log="$NDIF_STACK_LOGS/readiness.log"
 (
   set -a
+  # shellcheck source=/dev/null
   source "$stack_env.tmp"
   set +a
-  # The server's PYTHONPATH (cpu_actor.py) has no business in the client.
+  # The client must not import the server's PYTHONPATH (cpu_actor.py).
   PYTHONPATH="" timeout "$ready_timeout" ip netns exec "$NDIF_NETNS" \
     "$NDIF_CLIENT_PYTHON" "$here/check_client.py" --remote-only --wait "$ready_timeout"
 ) >"$ready_log" 2>&1 </dev/null ||

@@ -32,9 +32,10 @@ def _configure_logging(verbose: bool) -> None:
         handlers=[RichHandler(console=console, show_path=False, show_time=False)],
         force=True,
     )
-    # Third-party libraries log at INFO in ways that drown the run's own lines.
-    for noisy in ("httpx", "urllib3", "filelock", "transformers", "nnsight"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
+    # Third-party libraries log at INFO in ways that drown the run's own lines
+    # (transformers prints whole configs), so they stay at WARNING even with --verbose.
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock", "transformers", "nnsight", "websocket"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _fail(error: Exception) -> None:

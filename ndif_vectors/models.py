@@ -119,6 +119,11 @@ def resolve_model_source(model: str) -> str:
     return model
 
 
+def model_id(model: str) -> str:
+    """Return the id recorded in manifests: the Hub name for the default alias, else ``model``."""
+    return "SmolLM2-135M-Instruct" if model == DEFAULT_MODEL else model
+
+
 def model_name(model: str) -> str:
     """Return the short name used in file names: the last path component of a hub id or directory."""
     return Path(model.rstrip("/")).name or model
@@ -157,14 +162,18 @@ def load_model(
             tokenizer = load_tokenizer(source, revision=revision)
         except OSError as error:
             raise ModelError(
-                f"Could not load the tokenizer of {model!r}: {error}. Pass a hub id that is "
+                f"Could not load the tokenizer of {model!r}: {str(error).rstrip('.')}. Pass a hub id that is "
                 "cached locally, or a directory with config.json and tokenizer files."
             ) from error
 
     if remote:
         # nnsight 0.8.1 cannot infer the tokenizer on transformers >= 5.23, so it is
         # always passed in. No weights are downloaded: the module is built on meta.
-        return TransformersModel(source, tokenizer=tokenizer, revision=revision, dtype=DTYPES[dtype])
+        # The task is passed because nnsight 0.8.1 cannot infer it for a local directory,
+        # and it is part of the model key that the server's deployment must match.
+        return TransformersModel(
+            source, tokenizer=tokenizer, revision=revision, dtype=DTYPES[dtype], task="text-generation"
+        )
 
     from transformers import AutoModelForCausalLM
 
@@ -174,7 +183,7 @@ def load_model(
         )
     except OSError as error:
         raise ModelError(
-            f"Could not load model {model!r}: {error}. Pass a hub id that is cached locally "
+            f"Could not load model {model!r}: {str(error).rstrip('.')}. Pass a hub id that is cached locally "
             "or a directory that contains config.json and the weights."
         ) from error
     hf_model.to(device).eval()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -297,7 +297,5 @@ def _prepare_executor(config: RunConfig, model):
     if model is None:
         model = models.load_model(config.model, device=config.device, dtype=config.dtype,
                                   revision=config.revision)
-    model_id = config.model if config.model != models.DEFAULT_MODEL else "SmolLM2-135M-Instruct"
-    executor = LocalExecutor(model, None, [], config.read_index, "slices")
-    executor.stack = models.find_layers(model)
-    return executor, model, model_id
+    executor = LocalExecutor(model, models.find_layers(model), [], config.read_index, "slices")
+    return executor, model, models.model_id(config.model)

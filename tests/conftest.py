@@ -35,8 +35,11 @@ def caa_data() -> Path:
 
 @pytest.fixture(scope="session")
 def test_models_dir() -> Path:
-    root = Path(os.environ.get("NDIF_VECTORS_TEST_MODELS", models.cache_dir() / "test-models"))
-    return root
+    """Directory of the test models; the local NDIF stack's own when it is running."""
+    for variable in ("NDIF_TEST_MODELS_DIR", "NDIF_VECTORS_TEST_MODELS"):
+        if os.environ.get(variable):
+            return Path(os.environ[variable])
+    return models.cache_dir() / "test-models"
 
 
 @pytest.fixture(scope="session")

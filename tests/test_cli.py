@@ -13,7 +13,7 @@ import torch
 def _run(*args, cwd, env=None):
     return subprocess.run(
         [sys.executable, "-m", "ndif_vectors.cli", *args],
-        cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=900,
+        cwd=cwd, env={**os.environ, "COLUMNS": "250", **(env or {})}, capture_output=True, text=True, timeout=900,
     )
 
 
