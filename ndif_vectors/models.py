@@ -4,7 +4,7 @@ A model is loaded as an nnsight ``TransformersModel`` in one of two ways:
 
 * locally, with real weights on a chosen device and dtype;
 * remotely, as a meta-device skeleton plus tokenizer, so traces can be built on a
-  laptop and executed by an NDIF server that holds the weights.
+  laptop and executed by an NDIF server that has the weights.
 
 Decoder blocks are found by a structural rule instead of a per-architecture table:
 the longest ``torch.nn.ModuleList`` whose entries all share one class and whose length

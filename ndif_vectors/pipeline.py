@@ -1,9 +1,9 @@
 """The CAA run from dataset to vector files: the function that ``ndif-vectors run`` calls.
 
-Steps, each in its own module: read and validate the dataset (``datasets``), load the
-model and pick layers (``models``), write and tokenize the prompts and check the read
-position (``prompts``), trace batches locally or on NDIF (``extraction``, ``remote``),
-average (``aggregation``) and write the files (``storage``). Partial results are saved
+Each step has its own module. ``datasets`` reads and validates the A/B items, ``models``
+loads the model and picks layers, and ``prompts`` writes and tokenizes the prompts and
+checks the read position. ``extraction`` (with ``remote`` for NDIF) traces the batches,
+``aggregation`` averages and ``storage`` writes the files. Partial results are saved
 after every request, so an interrupted run resumes where it stopped.
 """
 
@@ -21,7 +21,7 @@ import torch
 
 from . import datasets, models, prompts, storage
 from .aggregation import MeanDifference
-from .extraction import REDUCTIONS, BatchResult, make_batch, run_batches_locally
+from .extraction import BatchResult, make_batch, run_batches_locally
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class RunConfig:
 
 @dataclass
 class RunResult:
-    """What a finished run produced."""
+    """Vectors, file paths and manifest of a finished run."""
 
     layers: list[int]
     vectors: torch.Tensor  # [n_layers, d_model], float32
@@ -156,7 +156,7 @@ def generate_vectors(
     progress: ProgressCallback | None = None,
     model=None,
 ) -> RunResult:
-    """Build CAA steering vectors as ``config`` says and write them under ``config.out_dir``.
+    """Build CAA steering vectors with the settings in ``config`` and write them under ``config.out_dir``.
 
     ``model`` may be a preloaded nnsight model (local runs) so that several runs share it.
     Raises ``DatasetError``, ``PromptError``, ``ModelError`` or ``ValueError`` with the bad
@@ -206,9 +206,8 @@ def generate_vectors(
         items_done, stats = int(saved["items_done"]), dict(saved["stats"])
         logger.info("Resuming from %s: %d of %d items already done", state.directory, items_done, len(pairs))
 
-    # 5. Extraction: one request holds batches_per_request batches
+    # 5. Extraction: each request contains batches_per_request batches
     reduction = "sum" if config.reduce == "server" else "slices"
-    assert reduction in REDUCTIONS
     executor.reduction = reduction
     request_items = config.batch_size * config.batches_per_request
     if progress:

@@ -45,13 +45,9 @@ class RemoteRunError(RuntimeError):
     """A remote run that cannot go on: bad configuration, a failed preflight or a permanent error."""
 
 
-class TransientRemoteError(RuntimeError):
-    """A failure worth retrying: network errors, timeouts, server errors, dropped jobs."""
-
-
 @dataclass
 class RemoteSettings:
-    """Where to send requests and with which key; ``repr`` hides the key."""
+    """Host URL and API key for NDIF requests; ``repr`` hides the key."""
 
     host: str
     api_key: str | None = field(default=None, repr=False)
@@ -110,7 +106,7 @@ def _get_json(settings: RemoteSettings, path: str) -> dict:
         )
     if response.status_code >= 400:
         raise RemoteRunError(
-            f"The NDIF host {settings.host} answered {path} with HTTP {response.status_code}: "
+            f"The NDIF host {settings.host} returned HTTP {response.status_code} for {path}: "
             f"{response.text[:200]}"
         )
     return response.json()
@@ -164,7 +160,7 @@ def find_deployment(status: dict, model_key: str) -> dict | None:
 
 
 def served_models(status: dict) -> list[str]:
-    """Return the repo ids of every deployment in a ``/status`` answer."""
+    """Return the repo ids of every deployment in a ``/status`` response."""
     return sorted({
         entry.get("repo_id") or _repo_id(_deployment_key(name, entry))
         for name, entry in status.get("deployments", {}).items()
@@ -247,7 +243,7 @@ _TRANSIENT_TEXT = (
 
 
 def is_transient(error: BaseException) -> bool:
-    """Whether ``error`` may go away on retry (network, timeouts, 5xx, a dropped job)."""
+    """Return whether ``error`` may go away on retry (network, timeouts, 5xx, a dropped job)."""
     import websocket
     from nnsight.intervention.backends.remote import RemoteError
 
