@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import models
-from .pipeline import RunConfig, generate_vectors
+from .pipeline import RunConfig, generate_vectors, pending_runs, submit_vectors
 
 app = typer.Typer(
     help="Build CAA steering vectors from A/B datasets, locally or on NDIF.",
@@ -80,6 +80,7 @@ def run(
     reduce: str = typer.Option("client", "--reduce", help="client: slices come back and are averaged here; server: only per-layer sums come back (remote runs)."),
     batches_per_request: int = typer.Option(1, "--batches-per-request", help="Batches packed into one NDIF request, to pay the queue overhead once."),
     host: Optional[str] = typer.Option(None, envvar="NDIF_HOST", help="NDIF host URL. Default: NDIF_HOST, else the public NDIF service."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Remote runs: submit every request and exit; fetch the results later with `ndif-vectors collect OUT`."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug details (bytes per request, retries)."),
 ) -> None:
     """Generate steering vectors: mean of positive minus negative activations per layer."""
@@ -89,21 +90,68 @@ def run(
         prompt_format=prompt_format, system_prompt=system_prompt, read_index=read_index,
         batch_size=batch_size, limit=limit, device=device, dtype=dtype, revision=revision,
         save_activations=save_activations, restart=restart, remote=remote, reduce=reduce,
-        batches_per_request=batches_per_request, host=host,
+        batches_per_request=batches_per_request, host=host, wait=not no_wait,
     )
+    if no_wait:
+        _submit(config)
+        return
+    result = _with_progress(lambda progress: generate_vectors(config, progress=progress))
+    _print_summary(result)
 
-    columns = (
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _ItemRate(),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-    )
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("items", total=None, status="")
 
-        def progress(done: int, total: int, status: str) -> None:
-            bar.update(task, completed=done, total=total, status=status)
-
+def _submit(config: RunConfig) -> None:
+    with _progress_bar() as (bar, progress):
         try:
-            result = generate_vectors(config, progress=progress)
+            submission = submit_vectors(config, progress=progress)
+        except (ValueError, OSError, RuntimeError) as error:
+            bar.stop()
+            _fail(error)
+    console.print(f"Submitted {len(submission.job_ids)} jobs for {submission.n_items} items.")
+    console.print(f"Collect the results with: ndif-vectors collect {submission.directory}")
+
+
+@app.command()
+def collect(
+    directory: Path = typer.Argument(..., help="Output or behaviour directory of a run submitted with --no-wait."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug details (bytes per request, retries)."),
+) -> None:
+    """Wait for the NDIF jobs of a run submitted with --no-wait and write its vectors."""
+    _configure_logging(verbose)
+    try:
+        configs = pending_runs(directory)
+    except ValueError as error:
+        _fail(error)
+    for config in configs:
+        result = _with_progress(lambda progress, config=config: generate_vectors(config, progress=progress))
+        _print_summary(result)
+
+
+def _progress_bar():
+    """Return a context manager that yields ``(bar, progress callback)``."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def managed():
+        columns = (
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _ItemRate(),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+        )
+        with Progress(*columns, console=console, transient=False) as bar:
+            task = bar.add_task("items", total=None, status="")
+
+            def progress(done: int, total: int, status: str) -> None:
+                bar.update(task, completed=done, total=total, status=status)
+
+            yield bar, progress
+
+    return managed()
+
+
+def _with_progress(work):
+    """Run ``work(progress)`` under a progress bar; turn errors and Ctrl-C into clean exits."""
+    with _progress_bar() as (bar, progress):
+        try:
+            return work(progress)
         except KeyboardInterrupt:
             bar.stop()
             console.print(
@@ -114,6 +162,9 @@ def run(
             bar.stop()
             _fail(error)
 
+
+def _print_summary(result) -> None:
+    """Print the per-layer vector norms and where the files went."""
     table = Table(title=f"{result.manifest['behaviour']}: {len(result.layers)} layers, {result.manifest['n_items']} items")
     table.add_column("layer", justify="right")
     table.add_column("norm", justify="right")

@@ -68,24 +68,30 @@ def make_batch(pairs: list[EncodedPair], pad_token_id: int) -> Batch:
 
 
 def trace_batches(model, envoys: list, batches: list[Batch], read_index: int, reduction: str,
-                  **session_options) -> list[tuple]:
-    """Trace ``batches`` in one nnsight session and return one tuple of saved values per batch.
+                  **session_options) -> list[tuple] | None:
+    """Trace ``batches`` in one nnsight session and return the saved values.
 
-    ``session_options`` go to ``model.session``: ``remote=True`` (with ``backend=``)
-    makes the whole session one NDIF request. ``envoys`` are the requested blocks in
-    execution order, because nnsight 0.8 requires a trace to read modules in that order.
+    ``session_options`` go to ``model.session``: ``backend=`` a remote backend makes
+    the whole session one NDIF request. ``envoys`` are the requested blocks in execution
+    order, because nnsight 0.8 requires a trace to read modules in that order.
 
-    For ``reduction="slices"`` each tuple is ``(slices,)``; for ``"sum"`` it is
-    ``(difference_sum, finite)``. The session body refers only to tensors, ints and
-    strings, ``torch`` and ``nnsight``: it is serialized by source for NDIF, and the
-    server cannot import this package.
+    For ``reduction="slices"`` the result has one ``(slices,)`` tuple per batch. For
+    ``"sum"`` it has one ``(difference_sum, finite)`` tuple for the whole session, so a
+    request returns ``n_layers x d_model`` sums whatever its number of batches. A
+    non-blocking remote backend only submits the job, and the result is ``None``.
+
+    The session body refers only to tensors, ints, strings, ``torch`` and ``nnsight``:
+    NDIF receives it as source code, and the server cannot import this package.
     """
     inputs = [
         (batch.input_ids, batch.attention_mask, batch.position_ids, batch.size)
         for batch in batches
     ]
+    outputs = None
     with model.session(**session_options):
         outputs = nnsight.save([])
+        difference_sum = None
+        finite_flags = []
         for input_ids, attention_mask, position_ids, n_items in inputs:
             with model.trace(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
@@ -102,28 +108,33 @@ def trace_batches(model, envoys: list, batches: list[Batch], read_index: int, re
                 if reduction == "sum":
                     # [b, n_layers, d_model] in float32 whatever the model dtype
                     difference = stacked[:n_items].float() - stacked[n_items:].float()
-                    outputs.append((
-                        difference.sum(dim=0),  # [n_layers, d_model]
-                        torch.isfinite(difference).flatten(1).all(dim=1),  # [b]
-                    ))
+                    batch_sum = difference.sum(dim=0)  # [n_layers, d_model]
+                    difference_sum = batch_sum if difference_sum is None else difference_sum + batch_sum
+                    finite_flags.append(torch.isfinite(difference).flatten(1).all(dim=1))  # [b]
                 else:
                     outputs.append((stacked,))
 
                 # Nothing after the last requested block is needed: skip the rest and the LM head.
                 tracer.stop()
-    return list(outputs)
+        if reduction == "sum":
+            outputs.append((difference_sum, torch.cat(finite_flags)))  # [n_layers, d_model], [items]
+    return None if outputs is None else list(outputs)
 
 
 def to_results(batches: list[Batch], outputs: list[tuple], reduction: str) -> list[BatchResult]:
-    """Pair each batch with its saved values, detached and moved to the CPU."""
-    results = []
-    for batch, values in zip(batches, outputs, strict=True):
-        values = [value.detach().to("cpu") for value in values]
-        if reduction == "sum":
-            results.append(BatchResult(batch.item_indices, difference_sum=values[0], finite=values[1]))
-        else:
-            results.append(BatchResult(batch.item_indices, slices=values[0]))
-    return results
+    """Pair the saved values with their items, detached and moved to the CPU.
+
+    Slices give one result per batch; sums give one result for all ``batches``.
+    """
+    outputs = [[value.detach().to("cpu") for value in values] for values in outputs]
+    if reduction == "sum":
+        (difference_sum, finite), = outputs
+        item_indices = [index for batch in batches for index in batch.item_indices]
+        return [BatchResult(item_indices, difference_sum=difference_sum, finite=finite)]
+    return [
+        BatchResult(batch.item_indices, slices=values[0])
+        for batch, values in zip(batches, outputs, strict=True)
+    ]
 
 
 def run_batches_locally(model, stack: LayerStack, layers: list[int], batches: list[Batch],

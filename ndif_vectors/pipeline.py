@@ -9,6 +9,7 @@ after every request, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import time
@@ -57,6 +58,24 @@ class RunConfig:
     batches_per_request: int = 1
     host: str | None = None
     api_key: str | None = field(default=None, repr=False)
+    wait: bool = True
+    """``False`` submits every request and returns; see ``submit_vectors``."""
+
+    def to_json(self) -> dict:
+        """Return the settings as JSON values, without the API key."""
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "api_key"}
+        data["dataset"] = str(Path(self.dataset).resolve()) if self.dataset else None
+        data["out_dir"] = str(Path(self.out_dir).resolve())
+        data["restart"] = False
+        data["wait"] = True
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "RunConfig":
+        config = cls(**data)
+        config.dataset = Path(config.dataset) if config.dataset else None
+        config.out_dir = Path(config.out_dir)
+        return config
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -67,6 +86,8 @@ class RunConfig:
             )
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"Invalid limit {self.limit}: it must be at least 1.")
+        if not self.wait and not self.remote:
+            raise ValueError("--no-wait submits jobs to NDIF, so it needs --remote.")
         if self.reduce not in REDUCE_MODES:
             raise ValueError(f"Invalid reduce mode {self.reduce!r}; choose one of {', '.join(REDUCE_MODES)}.")
         if self.reduce == "server" and self.save_activations:
@@ -151,19 +172,39 @@ def _fingerprint(config: RunConfig, model_id: str, dataset_sha: str, n_items: in
     }
 
 
-def generate_vectors(
-    config: RunConfig,
-    progress: ProgressCallback | None = None,
-    model=None,
-) -> RunResult:
-    """Build CAA steering vectors with the settings in ``config`` and write them under ``config.out_dir``.
+@dataclass
+class _PreparedRun:
+    """Everything a run needs before its first request, shared by waiting and submitting runs."""
 
-    ``model`` may be a preloaded nnsight model (local runs) so that several runs share it.
-    Raises ``DatasetError``, ``PromptError``, ``ModelError`` or ``ValueError`` with the bad
-    value and the fix; the remote path adds ``remote.RemoteRunError``.
-    """
+    config: RunConfig
+    dataset_path: Path
+    dataset_sha: str
+    behaviour: str
+    executor: object
+    model_id: str
+    stack: models.LayerStack
+    layers: list[int]
+    d_model: int
+    prompt_format: prompts.PromptFormat
+    pairs: list[prompts.EncodedPair]
+    pad_token_id: int
+    paths: storage.OutputPaths
+    state: storage.RunState
+
+    def requests_from(self, items_done: int):
+        """Yield ``(first item, batches)`` for every request from item ``items_done`` on."""
+        config = self.config
+        request_items = config.batch_size * config.batches_per_request
+        for start in range(items_done, len(self.pairs), request_items):
+            chunk = self.pairs[start: start + request_items]
+            yield start, [
+                make_batch(chunk[offset: offset + config.batch_size], self.pad_token_id)
+                for offset in range(0, len(chunk), config.batch_size)
+            ]
+
+
+def _prepare(config: RunConfig, model) -> _PreparedRun:
     config.validate()
-    started = time.monotonic()
 
     # 1. Dataset
     dataset_path = Path(config.dataset) if config.dataset else datasets.demo_dataset_path()
@@ -179,6 +220,7 @@ def generate_vectors(
     stack = models.find_layers(model)
     layers = models.parse_layers(config.layers, stack.count)
     executor.layers = layers
+    executor.reduction = "sum" if config.reduce == "server" else "slices"
     d_model = hidden_size(model)
     tokenizer = model.tokenizer
     logger.info("Model %s: %d layers at %s, d_model %d; reading layers %s", model_id, stack.count,
@@ -191,82 +233,101 @@ def generate_vectors(
     if pad_token_id is None:
         pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
-    # 4. Resume state
+    # 4. Output paths and the resume state
     paths = storage.OutputPaths(Path(config.out_dir), behaviour, models.model_name(model_id))
     state = storage.RunState(
         paths.partial, _fingerprint(config, model_id, dataset_sha, len(items), layers, prompt_format)
     )
     if config.restart:
         state.clear()
-    aggregate = MeanDifference(layers, d_model)
+    return _PreparedRun(config, dataset_path, dataset_sha, behaviour, executor, model_id, stack, layers,
+                        d_model, prompt_format, pairs, pad_token_id, paths, state)
+
+
+def generate_vectors(
+    config: RunConfig,
+    progress: ProgressCallback | None = None,
+    model=None,
+) -> RunResult:
+    """Build CAA steering vectors with the settings in ``config`` and write them under ``config.out_dir``.
+
+    ``model`` may be a preloaded nnsight model (local runs) so that several runs share it.
+    Jobs that an earlier ``submit_vectors`` left on NDIF are collected instead of sent again.
+    Raises ``DatasetError``, ``PromptError``, ``ModelError`` or ``ValueError`` with the bad
+    value and the fix; the remote path adds ``remote.RemoteRunError``.
+    """
+    started = time.monotonic()
+    run = _prepare(config, model)
+    executor, state, pairs = run.executor, run.state, run.pairs
+
+    aggregate = MeanDifference(run.layers, run.d_model)
     items_done, stats = 0, {"requests": 0, "bytes_downloaded": 0, "seconds": 0.0}
     saved = state.load()
     if saved is not None:
         aggregate.load_state_dict(saved)
         items_done, stats = int(saved["items_done"]), dict(saved["stats"])
-        logger.info("Resuming from %s: %d of %d items already done", state.directory, items_done, len(pairs))
+        if items_done:
+            logger.info("Resuming from %s: %d of %d items already done", state.directory, items_done, len(pairs))
+    jobs = storage.JobStore(state.directory)
 
     # 5. Extraction: each request contains batches_per_request batches
-    reduction = "sum" if config.reduce == "server" else "slices"
-    executor.reduction = reduction
-    request_items = config.batch_size * config.batches_per_request
     if progress:
         progress(items_done, len(pairs), "running")
-    while items_done < len(pairs):
-        segment_started = time.monotonic()
-        chunk = pairs[items_done: items_done + request_items]
-        batches = [
-            make_batch(chunk[start: start + config.batch_size], pad_token_id)
-            for start in range(0, len(chunk), config.batch_size)
-        ]
+    for start, batches in run.requests_from(items_done):
+        request_started = time.monotonic()
+        n_items = sum(batch.size for batch in batches)
 
         def on_status(status: str, done=items_done) -> None:
             if progress:
                 progress(done, len(pairs), status)
 
         requests_before, bytes_before = executor.requests, executor.bytes_downloaded
-        results = executor.run(batches, on_status=on_status)
+        job_id = jobs.job_for(start, n_items) if config.remote else None
+        if job_id is not None:
+            results = executor.collect(job_id, batches, on_status=on_status)
+        else:
+            results = executor.run(batches, on_status=on_status)
         for result in results:
             aggregate.add(result)
             if config.save_activations:
-                n_items = len(result.item_indices)
+                size = len(result.item_indices)
                 state.save_activation_chunk(
-                    result.item_indices[0],
-                    result.slices[:n_items].float(), result.slices[n_items:].float(),
+                    result.item_indices[0], result.slices[:size].float(), result.slices[size:].float(),
                 )
-        items_done += len(chunk)
+        items_done += n_items
         stats["requests"] += executor.requests - requests_before
         stats["bytes_downloaded"] += executor.bytes_downloaded - bytes_before
-        stats["seconds"] += time.monotonic() - segment_started
+        stats["seconds"] += time.monotonic() - request_started
         state.save(aggregate.state_dict(), items_done, stats)
         if progress:
             progress(items_done, len(pairs), "running")
 
     # 6. Vectors and files
     vectors = aggregate.mean()  # [n_layers, d_model]
+    paths, layers = run.paths, run.layers
     files = storage.write_vectors(paths, layers, vectors)
     if config.save_activations:
         positive, negative = state.load_activation_chunks()
         files += storage.write_activations(paths, layers, torch.cat(positive), torch.cat(negative))
 
     manifest = {
-        "behaviour": behaviour,
-        "model": model_id,
+        "behaviour": run.behaviour,
+        "model": run.model_id,
         "model_name": paths.model_name,
         "revision": config.revision,
         "dtype": config.dtype,
         "device": "ndif" if config.remote else config.device,
         "execution": executor.description,
         "layers": layers,
-        "n_model_layers": stack.count,
-        "layer_path": stack.path,
-        "d_model": d_model,
-        "prompt_format": prompt_format.value,
+        "n_model_layers": run.stack.count,
+        "layer_path": run.stack.path,
+        "d_model": run.d_model,
+        "prompt_format": run.prompt_format.value,
         "system_prompt": config.system_prompt,
         "read_index": config.read_index,
-        "dataset": str(dataset_path),
-        "dataset_sha256": dataset_sha,
-        "n_items": len(items),
+        "dataset": str(run.dataset_path),
+        "dataset_sha256": run.dataset_sha,
+        "n_items": len(pairs),
         "batch_size": config.batch_size,
         "batches_per_request": config.batches_per_request,
         "reduce": config.reduce,
@@ -285,6 +346,66 @@ def generate_vectors(
     state.clear()
     logger.info("Wrote %d layer vectors to %s", len(layers), paths.directory)
     return RunResult(layers, vectors, paths, manifest, files)
+
+
+@dataclass
+class Submission:
+    """Jobs that ``submit_vectors`` left on NDIF, and where to collect them from."""
+
+    directory: Path
+    job_ids: list[str]
+    n_items: int
+
+
+def submit_vectors(config: RunConfig, progress: ProgressCallback | None = None, model=None) -> Submission:
+    """Submit every request of a remote run without waiting, for long NDIF queues.
+
+    The job ids and the settings are saved in the run's partial directory;
+    ``collect_vectors`` on that output directory later downloads the results in order
+    and writes the same files as a waiting run. Requests already submitted are skipped.
+    """
+    if not config.remote:
+        raise ValueError("Only remote runs can be submitted without waiting: add --remote.")
+    run = _prepare(config, model)
+    state, jobs = run.state, storage.JobStore(run.state.directory)
+    saved = state.load()
+    items_done = int(saved["items_done"]) if saved else 0
+    if saved is None:
+        # Records the settings fingerprint, so a later run with other settings is rejected.
+        state.save(MeanDifference(run.layers, run.d_model).state_dict(), 0,
+                   {"requests": 0, "bytes_downloaded": 0, "seconds": 0.0})
+    storage.save_json(state.directory / "run.json", config.to_json())
+
+    job_ids = []
+    for start, batches in run.requests_from(items_done):
+        n_items = sum(batch.size for batch in batches)
+        job_id = jobs.job_for(start, n_items)
+        if job_id is None:
+            job_id = run.executor.submit(batches)
+            jobs.add(start, n_items, job_id)
+        job_ids.append(job_id)
+        if progress:
+            progress(start + n_items, len(run.pairs), "submitted")
+    logger.info("Submitted %d jobs for %s; collect them with: ndif-vectors collect %s",
+                len(job_ids), run.behaviour, run.paths.directory)
+    return Submission(run.paths.directory, job_ids, len(run.pairs))
+
+
+def pending_runs(directory: Path) -> list[RunConfig]:
+    """Return the settings of every submitted run under ``directory`` (a behaviour or output folder)."""
+    directory = Path(directory)
+    files = sorted(directory.glob(".partial_*/run.json")) + sorted(directory.glob("*/.partial_*/run.json"))
+    if not files:
+        raise ValueError(
+            f"No submitted run found in {directory}: expected .partial_<model>/run.json there or one "
+            "folder below. Submit one with: ndif-vectors run --remote --no-wait ..."
+        )
+    return [RunConfig.from_json(json.loads(path.read_text(encoding="utf-8"))) for path in files]
+
+
+def collect_vectors(directory: Path, progress: ProgressCallback | None = None) -> list[RunResult]:
+    """Wait for the jobs of every submitted run under ``directory`` and write its vectors."""
+    return [generate_vectors(config, progress=progress) for config in pending_runs(directory)]
 
 
 def _prepare_executor(config: RunConfig, model):

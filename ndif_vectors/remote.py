@@ -38,6 +38,8 @@ format and the model code that runs the trace both depend on them."""
 MAX_ATTEMPTS = 5
 BACKOFF_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 30.0
+POLL_SECONDS = 1.0
+"""Interval between status polls of a submitted job."""
 STATUS_TIMEOUT = httpx.Timeout(10.0, read=30.0)
 
 
@@ -222,7 +224,9 @@ def _make_backend_class():
 
         def note(self, response):
             if self.on_status is not None and response.status.name != "LOG":
-                self.on_status(response.status.name.lower())
+                # COMPLETED is followed by the result download, which is what the user waits on.
+                completed = response.status.name == "COMPLETED"
+                self.on_status("downloading" if completed else response.status.name.lower())
             if response.id:
                 self.job_id = response.id
             return super().note(response)
@@ -250,6 +254,8 @@ def is_transient(error: BaseException) -> bool:
     if isinstance(error, (httpx.TransportError, ConnectionError, TimeoutError,
                           websocket.WebSocketException)):
         return True
+    if isinstance(error, httpx.HTTPStatusError):
+        return error.response.status_code >= 500
     if type(error).__name__ == "ValidationError":
         # pydantic could not parse a status message: a server that is shutting down or
         # restarting answers with an empty or non-JSON body.
@@ -293,38 +299,21 @@ class RemoteExecutor:
         self.backend_class = _make_backend_class()
 
     def run(self, batches, on_status: Callable[[str], None] | None = None):
+        """Send one request with ``batches`` and wait for its results."""
         from .extraction import to_results, trace_batches
 
         envoys = [self.stack.envoy(self.model, layer) for layer in self.layers]
-        first_item = batches[0].item_indices[0]
         for attempt in range(1, self.max_attempts + 1):
-            backend = self.backend_class(
-                self.model_key, host=self.settings.host, api_key=self.settings.api_key or None,
-                env=self.model._remoteable_get_env(), on_status=on_status,
-            )
+            backend = self._backend(on_status=on_status)
             try:
                 if on_status:
                     on_status("submitting")
                 outputs = trace_batches(self.model, envoys, batches, self.read_index, self.reduction,
                                         backend=backend)
-            except Exception as error:  # noqa: BLE001 - classified below, re-raised if permanent
-                if not is_transient(error):
-                    raise RemoteRunError(describe_permanent(error, self.settings)) from None
-                if attempt == self.max_attempts:
-                    raise RemoteRunError(
-                        f"The NDIF request for items from {first_item} failed {attempt} times; last error: "
-                        f"{type(error).__name__}: {describe_permanent(error, self.settings).splitlines()[-1]}. "
-                        "Partial results are saved: rerun the same command to resume."
-                    ) from None
-                delay = min(MAX_BACKOFF_SECONDS, BACKOFF_SECONDS * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
-                logger.warning(
-                    "NDIF request for items from %d failed (attempt %d of %d, job %s): %s: %s; retrying in %.1f s",
-                    first_item, attempt, self.max_attempts, backend.job_id, type(error).__name__,
-                    str(error).splitlines()[0][:200] if str(error) else "", delay,
-                )
+            except Exception as error:  # noqa: BLE001 - classified by _retry_or_raise
+                self._retry_or_raise(error, attempt, batches, backend)
                 if on_status:
                     on_status(f"retrying ({attempt}/{self.max_attempts - 1})")
-                time.sleep(delay)
                 continue
 
             self.requests += 1
@@ -332,6 +321,69 @@ class RemoteExecutor:
             logger.debug("Job %s: %d batches, %d bytes downloaded", backend.job_id, len(batches), backend.bytes_downloaded)
             return to_results(batches, outputs, self.reduction)
         raise AssertionError("unreachable")
+
+    def submit(self, batches) -> str:
+        """Submit one request without waiting and return its NDIF job id."""
+        from .extraction import trace_batches
+
+        envoys = [self.stack.envoy(self.model, layer) for layer in self.layers]
+        for attempt in range(1, self.max_attempts + 1):
+            backend = self._backend(blocking=False)
+            try:
+                trace_batches(self.model, envoys, batches, self.read_index, self.reduction, backend=backend)
+            except Exception as error:  # noqa: BLE001 - classified by _retry_or_raise
+                self._retry_or_raise(error, attempt, batches, backend)
+                continue
+            logger.info("Submitted job %s for items from %d", backend.job_id, batches[0].item_indices[0])
+            return backend.job_id
+        raise AssertionError("unreachable")
+
+    def collect(self, job_id: str, batches, on_status: Callable[[str], None] | None = None):
+        """Poll a submitted job until it finishes and return its results."""
+        from .extraction import to_results
+
+        attempt = 1
+        while True:
+            backend = self._backend(blocking=False, job_id=job_id, on_status=on_status)
+            try:
+                saved = backend()
+            except Exception as error:  # noqa: BLE001 - classified by _retry_or_raise
+                self._retry_or_raise(error, attempt, batches, backend)
+                attempt += 1
+                continue
+            if saved is None:
+                if on_status and backend.status is not None:
+                    on_status(backend.status.name.lower())
+                time.sleep(POLL_SECONDS)
+                continue
+            self.requests += 1
+            self.bytes_downloaded += backend.bytes_downloaded
+            return to_results(batches, saved["outputs"], self.reduction)
+
+    def _backend(self, blocking: bool = True, job_id: str | None = None, on_status=None):
+        return self.backend_class(
+            self.model_key, host=self.settings.host, api_key=self.settings.api_key or None,
+            env=self.model._remoteable_get_env(), blocking=blocking, job_id=job_id, on_status=on_status,
+        )
+
+    def _retry_or_raise(self, error: Exception, attempt: int, batches, backend) -> None:
+        """Sleep before the next attempt, or raise ``RemoteRunError`` for a permanent or final failure."""
+        first_item = batches[0].item_indices[0]
+        if not is_transient(error):
+            raise RemoteRunError(describe_permanent(error, self.settings)) from None
+        if attempt >= self.max_attempts:
+            raise RemoteRunError(
+                f"The NDIF request for items from {first_item} failed {attempt} times; last error: "
+                f"{type(error).__name__}: {describe_permanent(error, self.settings).splitlines()[-1]}. "
+                "Partial results are saved: rerun the same command to resume."
+            ) from None
+        delay = min(MAX_BACKOFF_SECONDS, BACKOFF_SECONDS * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+        logger.warning(
+            "NDIF request for items from %d failed (attempt %d of %d, job %s): %s: %s; retrying in %.1f s",
+            first_item, attempt, self.max_attempts, backend.job_id, type(error).__name__,
+            str(error).splitlines()[0][:200] if str(error) else "", delay,
+        )
+        time.sleep(delay)
 
 
 def load_remote_model(model: str, revision: str | None = None, dtype: str = "float32"):

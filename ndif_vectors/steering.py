@@ -192,9 +192,13 @@ def steered_letter_probabilities(model, envoy, batch: EvalBatch, vector: torch.T
     """Run one traced forward pass with ``multiplier x vector`` added to ``envoy``'s output.
 
     Returns ``[b, 2]`` float32 probabilities of each row's matching and not-matching
-    letter at the last position. ``trace_options`` go to ``model.trace``.
+    letter at the last position. ``trace_options`` go to ``model.trace``, with
+    ``logits_to_keep=1`` added when the model's forward accepts it.
     """
-    trace_options = trace_options or {}
+    trace_options = dict(trace_options or {})
+    if _accepts_logits_to_keep(model):
+        # Only the last position's logits are read; this skips the LM head elsewhere.
+        trace_options.setdefault("logits_to_keep", 1)
     scale = batch.steer_mask * float(multiplier)  # [b, T]
     input_ids, attention_mask = batch.input_ids, batch.attention_mask
     position_ids, letter_ids = batch.position_ids, batch.letter_ids
@@ -213,6 +217,12 @@ def steered_letter_probabilities(model, envoy, batch: EvalBatch, vector: torch.T
             probabilities.gather(1, letter_ids.to(probabilities.device))  # [b, 2]
         )
     return letter_probabilities.detach().to("cpu", torch.float32)
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model._module.forward).parameters
 
 
 def _model_device(model) -> torch.device:
@@ -292,10 +302,10 @@ def evaluate_steering(
     pad_token_id = tokenizer.pad_token_id
     if pad_token_id is None:
         pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    batches = [
-        make_eval_batch(prompts[start: start + batch_size], pad_token_id, positions)
-        for start in range(0, len(prompts), batch_size)
-    ]
+    # Batches of similar lengths waste less compute on padding; results go back by row.
+    by_length = sorted(range(len(prompts)), key=lambda row: len(prompts[row].ids))
+    row_groups = [by_length[start: start + batch_size] for start in range(0, len(prompts), batch_size)]
+    batches = [make_eval_batch([prompts[row] for row in rows], pad_token_id, positions) for rows in row_groups]
 
     device = _model_device(model)
     probabilities = torch.empty((len(layers), len(multipliers), len(prompts), 2), dtype=torch.float32)
@@ -307,16 +317,12 @@ def evaluate_steering(
             envoy = stack.envoy(model, layer)
             vector = vectors[layer].detach().to(device, torch.float32)
             for multiplier_column, multiplier in enumerate(multipliers):
-                start = 0
-                for batch in batches:
+                for rows, batch in zip(row_groups, batches):
                     letter_probabilities = steered_letter_probabilities(
                         model, envoy, batch, vector, multiplier, trace_options
                     )
-                    probabilities[layer_row, multiplier_column, start: start + len(batch.item_indices)] = (
-                        letter_probabilities
-                    )
-                    start += len(batch.item_indices)
-                    rows_done += len(batch.item_indices)
+                    probabilities[layer_row, multiplier_column, rows] = letter_probabilities
+                    rows_done += len(rows)
                     if progress:
                         progress(rows_done, rows_total)
 
@@ -419,8 +425,10 @@ def plot_layer_sweep(result: SweepResult, path: Path, title: str, multiplier: fl
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    shown = [multiplier] + ([-multiplier] if -multiplier in result.multipliers and multiplier != 0 else [])
-    for value in shown:
+    plotted = [multiplier]
+    if -multiplier in result.multipliers and multiplier != 0:
+        plotted.append(-multiplier)
+    for value in plotted:
         column = result.multipliers.index(value)
         y = [float(result.mean_scores[layer_row, column]) for layer_row in range(len(result.layers))]
         axes.plot(result.layers, y, marker="o", label=f"multiplier {value:+g}")

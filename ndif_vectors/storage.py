@@ -177,3 +177,27 @@ class RunState:
 
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class JobStore:
+    """NDIF job ids of submitted requests, keyed by first item, in ``jobs.json`` of a partial directory."""
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / "jobs.json"
+
+    def _read(self) -> dict:
+        if not self.path.is_file():
+            return {}
+        return json.loads(self.path.read_text(encoding="utf-8"))
+
+    def job_for(self, start: int, n_items: int) -> str | None:
+        """Return the job id of the request for items ``start`` to ``start + n_items - 1``, if submitted."""
+        job = self._read().get(str(start))
+        if job is None or job["n_items"] != n_items:
+            return None
+        return job["job_id"]
+
+    def add(self, start: int, n_items: int, job_id: str) -> None:
+        jobs = self._read()
+        jobs[str(start)] = {"job_id": job_id, "n_items": n_items}
+        save_json(self.path, jobs)

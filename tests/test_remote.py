@@ -200,3 +200,35 @@ def test_api_restart_mid_run_resumes_to_same_vector(ndif_host, model_dirs, caa_d
     for layer in range(10):
         name = f"vec_layer_{layer}_smollm2-135m-instruct.pt"
         assert torch.equal(torch.load(out / "sycophancy" / name), torch.load(tmp_path / "whole" / "sycophancy" / name))
+
+
+def test_submit_then_collect_equals_waiting_run(ndif_host, model_dirs, caa_data, tmp_path):
+    common = ["--remote", "--model", str(model_dirs["tiny-gpt2"]), "--dataset",
+              str(caa_data / "coordinate-other-ais" / "generate_dataset.json"), "--layers", "all",
+              "--limit", "10", "--batch-size", "2", "--batches-per-request", "2"]
+    waited = _cli("run", *common, "--out", str(tmp_path / "waited"))
+    assert waited.returncode == 0, waited.stderr
+
+    submitted = _cli("run", *common, "--no-wait", "--out", str(tmp_path / "later"))
+    assert submitted.returncode == 0, submitted.stderr
+    assert "Submitted 3 jobs for 10 items" in submitted.stderr
+    behaviour_dir = tmp_path / "later" / "coordinate-other-ais"
+    jobs = json.loads((behaviour_dir / ".partial_tiny-gpt2" / "jobs.json").read_text())
+    assert sorted(jobs, key=int) == ["0", "4", "8"]
+    assert not list(behaviour_dir.glob("vec_layer_*"))
+
+    collected = _cli("collect", str(tmp_path / "later"))
+    assert collected.returncode == 0, collected.stderr
+    for layer in range(4):
+        name = f"vec_layer_{layer}_tiny-gpt2.pt"
+        assert torch.equal(torch.load(behaviour_dir / name),
+                           torch.load(tmp_path / "waited" / "coordinate-other-ais" / name))
+    manifest = json.loads((behaviour_dir / "manifest_tiny-gpt2.json").read_text())
+    assert manifest["requests"] == 3
+    assert not (behaviour_dir / ".partial_tiny-gpt2").exists()
+
+
+def test_collect_without_submission_is_reported(tmp_path):
+    completed = _cli("collect", str(tmp_path))
+    assert completed.returncode == 1
+    assert "No submitted run found" in completed.stderr
