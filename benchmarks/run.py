@@ -33,7 +33,7 @@ import contenders  # noqa: E402
 from ndif_vectors import RunConfig, datasets, generate_vectors, models, prompts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATASET = Path("/work/shared/data/caa/sycophancy/generate_dataset.json")
+DEFAULT_DATASET = ROOT.parent / "shared" / "data" / "caa" / "sycophancy" / "generate_dataset.json"
 DEFAULT_MODEL_DIR = ROOT / ".ndif-stack" / "models" / "smollm2-135m-instruct"
 STACK_ENV = ROOT / ".ndif-stack" / "stack.env"
 NETNS = "ndifvec"

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import models
+from .cli_analysis import register as register_analysis_commands
 from .pipeline import RunConfig, generate_vectors, pending_runs, submit_vectors
 
 app = typer.Typer(
@@ -174,6 +175,10 @@ def _print_summary(result) -> None:
     console.print(f"Vectors: {result.paths.directory}/vec_layer_<L>_{result.paths.model_name}.pt")
     console.print(f"Bundle:  {result.paths.safetensors}")
     console.print(f"Manifest: {result.paths.manifest}")
+
+
+# eval, normalize, export and compare work on the files that `run` writes.
+register_analysis_commands(app)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ def eval_command(
     limit: Optional[int] = typer.Option(None, help="Use only the first N test items."),
     device: str = typer.Option("cpu", help="Torch device, e.g. cpu, cuda, cuda:1, mps."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16, float16 or float64."),
+    remote: bool = typer.Option(False, "--remote", help="Run the steered forward passes on NDIF; only the answer letters' probabilities come back."),
+    host: Optional[str] = typer.Option(None, envvar="NDIF_HOST", help="NDIF host URL. Default: NDIF_HOST, else the public NDIF service."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug details."),
 ) -> None:
     """Steer with multiplier x vector at each layer and score the A/B test set."""
@@ -110,13 +112,19 @@ def eval_command(
         if not model_id:
             raise ValueError(f"The manifest in {run.directory} names no model; pass --model.")
         console.print(f"Loading {model_id} …", highlight=False)
-        nnsight_model = models.load_model(model_id, device=device, dtype=dtype)
+        trace_options: dict = {}
+        if remote:
+            from .remote import connect
+
+            nnsight_model, trace_options = connect(model_id, host=host, dtype=dtype)
+        else:
+            nnsight_model = models.load_model(model_id, device=device, dtype=dtype)
         n_model_layers = models.find_layers(nnsight_model).count
         layer_list = run.layers if layers is None else models.parse_layers(layers, n_model_layers)
         prompt_format_value = prompts.resolve_format(prompt_format or manifest.get("prompt_format"),
                                                      nnsight_model.tokenizer)
         system = system_prompt if system_prompt is not None else manifest.get("system_prompt")
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, RuntimeError) as error:
         _fail(error)
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -128,6 +136,7 @@ def eval_command(
                 nnsight_model, run.vectors, items, layer_list, multiplier_values,
                 prompt_format=prompt_format_value, system_prompt=system, positions=positions,
                 batch_size=batch_size, progress=lambda done, total: bar.update(task, completed=done, total=total),
+                trace_options=trace_options,
             )
         except KeyboardInterrupt:
             bar.stop()

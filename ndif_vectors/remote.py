@@ -386,6 +386,27 @@ class RemoteExecutor:
         time.sleep(delay)
 
 
+def remote_trace_options(model, settings: RemoteSettings) -> dict:
+    """Return ``model.trace`` options that send each trace to NDIF, for code outside the run pipeline.
+
+    One blocking backend is shared by every trace of the caller.
+    """
+    # NOTE: these traces are not retried; a transient failure ends the caller's loop.
+    backend = _make_backend_class()(
+        model.to_model_key(), host=settings.host, api_key=settings.api_key or None,
+        env=model._remoteable_get_env(),
+    )
+    return {"backend": backend}
+
+
+def connect(model: str, host: str | None = None, api_key: str | None = None, dtype: str = "float32"):
+    """Build the meta model for ``model``, run the preflight checks and return ``(model, trace options)``."""
+    settings = RemoteSettings.resolve(host, api_key)
+    meta_model, source = load_remote_model(model, dtype=dtype)
+    preflight(settings, meta_model.to_model_key(), source)
+    return meta_model, remote_trace_options(meta_model, settings)
+
+
 def load_remote_model(model: str, revision: str | None = None, dtype: str = "float32"):
     """Build the meta-device model and tokenizer that remote traces are written against."""
     import nnsight.modeling.huggingface as nnsight_hf

@@ -406,7 +406,7 @@ def plot_multiplier_sweep(result: SweepResult, path: Path, title: str) -> Path:
     axes.set_xlabel("steering multiplier (x vector added to the layer output)")
     axes.set_ylabel("behaviour score: p(matching) / (p(matching) + p(not matching))")
     axes.yaxis.label.set_size(8)
-    axes.set_ylim(0, 1)
+    _set_score_limits(axes)
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
@@ -439,13 +439,20 @@ def plot_layer_sweep(result: SweepResult, path: Path, title: str, multiplier: fl
     axes.set_xlabel("layer the vector is added to (decoder block output)")
     axes.set_ylabel("behaviour score: p(matching) / (p(matching) + p(not matching))")
     axes.yaxis.label.set_size(8)
-    axes.set_ylim(0, 1)
+    _set_score_limits(axes)
     axes.set_xticks(result.layers)
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
     return _save_figure(figure, path)
+
+
+def _set_score_limits(axes) -> None:
+    # Small models move the score by a few hundredths, which a fixed 0..1 axis hides;
+    # the axis zooms to the data but never leaves the score's range.
+    low, high = axes.get_ylim()
+    axes.set_ylim(max(0.0, low), min(1.0, high))
 
 
 def _save_figure(figure, path: Path) -> Path:

@@ -232,3 +232,23 @@ def test_collect_without_submission_is_reported(tmp_path):
     completed = _cli("collect", str(tmp_path))
     assert completed.returncode == 1
     assert "No submitted run found" in completed.stderr
+
+
+def test_remote_eval_equals_local(ndif_host, smollm2, model_dirs, caa_data):
+    from ndif_vectors.remote import connect
+    from ndif_vectors.steering import evaluate_steering
+
+    items = load_dataset(caa_data / "refusal" / "test_dataset_ab.json")[:4]
+    generator = torch.Generator().manual_seed(0)
+    vectors = {10: torch.randn(576, generator=generator) * 2}
+    settings = dict(items=items, layers=[10], multipliers=[-2.0, 0.0, 2.0], batch_size=2)
+
+    local = evaluate_steering(smollm2, vectors, **settings)
+    meta_model, trace_options = connect(str(model_dirs["smollm2"]))
+    remote = evaluate_steering(meta_model, vectors, **settings, trace_options=trace_options)
+
+    difference = (local.probabilities - remote.probabilities).abs().max()
+    assert difference <= 1e-5, f"max abs difference {difference:.3e}"
+    # Only the [b, 2] letter probabilities come back: 2 batches x 3 multipliers.
+    backend = trace_options["backend"]
+    assert backend.bytes_downloaded < 6 * 2048, f"{backend.bytes_downloaded} bytes downloaded"

@@ -21,15 +21,15 @@ from ndif_vectors.steering import (
 )
 from test_analysis import _app
 
-LAYER = 14
+LAYER = 16
 """A middle layer of SmolLM2's 30 where the refusal vector moves the score both ways."""
 MULTIPLIER = 4.0
-N_GENERATE_ITEMS = 100
+N_GENERATE_ITEMS = 150
 
 
 @pytest.fixture(scope="module")
 def refusal_run(smollm2, model_dirs, caa_data, tmp_path_factory):
-    """A refusal vector at ``LAYER`` from the first 100 items of the generate split, chat format."""
+    """A refusal vector at ``LAYER`` from the first 150 items of the generate split, chat format."""
     out = tmp_path_factory.mktemp("vectors")
     config = RunConfig(model=str(model_dirs["smollm2"]), dataset=caa_data / "refusal" / "generate_dataset.json",
                        layers=str(LAYER), limit=N_GENERATE_ITEMS, batch_size=10, out_dir=out)
@@ -124,7 +124,7 @@ def test_vectors_of_another_model_are_rejected(smollm2, test_items):
 
 
 def test_layer_without_vector_is_rejected(smollm2, refusal_vectors, test_items):
-    with pytest.raises(SteeringError, match=r"Layer 13 has no vector; the vectors cover layers \[14\]"):
+    with pytest.raises(SteeringError, match=r"Layer 13 has no vector; the vectors cover layers \[16\]"):
         evaluate_steering(smollm2, refusal_vectors, test_items[:2], [13], [1.0])
 
 
