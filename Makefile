@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test test-local stack-up stack-down
+.PHONY: install run test test-local bench
 
 $(BIN)/ndif-vectors: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,3 +26,7 @@ test: install
 # Only the tests that need no NDIF server.
 test-local: install
 	$(BIN)/python -m pytest -m "not remote"
+
+# Speed and memory side by side with the other methods; rewrites docs/benchmarks.md.
+bench: install
+	bash benchmarks/run.sh

@@ -32,10 +32,10 @@ case "${1:-}" in
       ndif start --foreground api >>"$NDIF_STACK_LOGS/api.log" 2>&1 </dev/null &
     echo $! >"$pid_file"
     deadline=$(($(date +%s) + ${NDIF_UP_API_TIMEOUT_S:-120}))
-    # /connected answers before the API has reconnected to Ray; /status waits for that.
+    # /connected returns 200 before the API has reconnected to Ray; /status returns 503 until then.
     until [[ "$(ip netns exec "$NDIF_NETNS" curl -s -o /dev/null -w '%{http_code}' "$NDIF_API_URL/status")" == 200 ]]; do
       if (($(date +%s) >= deadline)); then
-        echo "api.sh: the API did not answer $NDIF_API_URL/status in time; read $NDIF_STACK_LOGS/api.log" >&2
+        echo "api.sh: $NDIF_API_URL/status did not return 200 in time; read $NDIF_STACK_LOGS/api.log" >&2
         exit 1
       fi
       sleep 0.5

@@ -147,6 +147,7 @@ class LocalExecutor:
         self.read_index, self.reduction = read_index, reduction
         self.requests = 0
         self.bytes_downloaded = 0
+        self.result_bytes = 0
 
     def run(self, batches, on_status: Callable[[str], None] | None = None) -> list[BatchResult]:
         self.requests += 1
@@ -261,7 +262,7 @@ def generate_vectors(
     executor, state, pairs = run.executor, run.state, run.pairs
 
     aggregate = MeanDifference(run.layers, run.d_model)
-    items_done, stats = 0, {"requests": 0, "bytes_downloaded": 0, "seconds": 0.0}
+    items_done, stats = 0, {"requests": 0, "bytes_downloaded": 0, "result_bytes": 0, "seconds": 0.0}
     saved = state.load()
     if saved is not None:
         aggregate.load_state_dict(saved)
@@ -282,6 +283,7 @@ def generate_vectors(
                 progress(done, len(pairs), status)
 
         requests_before, bytes_before = executor.requests, executor.bytes_downloaded
+        result_bytes_before = executor.result_bytes
         job_id = jobs.job_for(start, n_items) if config.remote else None
         if job_id is not None:
             results = executor.collect(job_id, batches, on_status=on_status)
@@ -297,6 +299,7 @@ def generate_vectors(
         items_done += n_items
         stats["requests"] += executor.requests - requests_before
         stats["bytes_downloaded"] += executor.bytes_downloaded - bytes_before
+        stats["result_bytes"] = stats.get("result_bytes", 0) + executor.result_bytes - result_bytes_before
         stats["seconds"] += time.monotonic() - request_started
         state.save(aggregate.state_dict(), items_done, stats)
         if progress:
@@ -333,6 +336,7 @@ def generate_vectors(
         "reduce": config.reduce,
         "requests": stats["requests"],
         "bytes_downloaded": stats["bytes_downloaded"],
+        "result_bytes": stats.get("result_bytes", 0),
         "seconds": round(stats["seconds"], 3),
         "wall_seconds": round(time.monotonic() - started, 3),
         "vector_norms": {str(layer): float(vectors[row].norm()) for row, layer in enumerate(layers)},
@@ -373,7 +377,7 @@ def submit_vectors(config: RunConfig, progress: ProgressCallback | None = None, 
     if saved is None:
         # Records the settings fingerprint, so a later run with other settings is rejected.
         state.save(MeanDifference(run.layers, run.d_model).state_dict(), 0,
-                   {"requests": 0, "bytes_downloaded": 0, "seconds": 0.0})
+                   {"requests": 0, "bytes_downloaded": 0, "result_bytes": 0, "seconds": 0.0})
     storage.save_json(state.directory / "run.json", config.to_json())
 
     job_ids = []

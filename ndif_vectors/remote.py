@@ -216,11 +216,9 @@ def _make_backend_class():
             # status spinner and its "[remote]" prints would only garble the output.
             self.display.enabled = False
             self.verbose = False
-            # zstd saves little on float activations (about 7% measured on SmolLM2 slices)
-            # and costs time on both ends; uncompressed, the bytes are exactly the slices.
-            self.compress = False
             self.on_status = on_status
             self.bytes_downloaded = 0
+            self.result_bytes = 0
 
         def note(self, response):
             if self.on_status is not None and response.status.name != "LOG":
@@ -232,8 +230,17 @@ def _make_backend_class():
             return super().note(response)
 
         def finalize(self, content: bytes):
+            # Requests and results travel zstd-compressed (nnsight's default, and the NDIF
+            # API rejects large uncompressed request bodies). The wire size is what the
+            # network carries; the decompressed size is the saved tensors plus framing.
             self.bytes_downloaded += len(content)
-            logger.debug("Job %s: downloaded %d bytes", self.job_id, len(content))
+            result_bytes = len(content)
+            if self.compress:
+                import zstandard
+
+                result_bytes = len(zstandard.ZstdDecompressor().decompress(content))
+            self.result_bytes += result_bytes
+            logger.debug("Job %s: downloaded %d bytes (%d decompressed)", self.job_id, len(content), result_bytes)
             return super().finalize(content)
 
     return CountingBackend
@@ -296,6 +303,7 @@ class RemoteExecutor:
         self.model_key = model.to_model_key()
         self.requests = 0
         self.bytes_downloaded = 0
+        self.result_bytes = 0
         self.backend_class = _make_backend_class()
 
     def run(self, batches, on_status: Callable[[str], None] | None = None):
@@ -316,8 +324,7 @@ class RemoteExecutor:
                     on_status(f"retrying ({attempt}/{self.max_attempts - 1})")
                 continue
 
-            self.requests += 1
-            self.bytes_downloaded += backend.bytes_downloaded
+            self._count(backend)
             logger.debug("Job %s: %d batches, %d bytes downloaded", backend.job_id, len(batches), backend.bytes_downloaded)
             return to_results(batches, outputs, self.reduction)
         raise AssertionError("unreachable")
@@ -356,9 +363,13 @@ class RemoteExecutor:
                     on_status(backend.status.name.lower())
                 time.sleep(POLL_SECONDS)
                 continue
-            self.requests += 1
-            self.bytes_downloaded += backend.bytes_downloaded
+            self._count(backend)
             return to_results(batches, saved["outputs"], self.reduction)
+
+    def _count(self, backend) -> None:
+        self.requests += 1
+        self.bytes_downloaded += backend.bytes_downloaded
+        self.result_bytes += backend.result_bytes
 
     def _backend(self, blocking: bool = True, job_id: str | None = None, on_status=None):
         return self.backend_class(

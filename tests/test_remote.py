@@ -82,7 +82,10 @@ def _bytes_per_request(model_dir, caa_data, tmp_path, batch_size, reduce, layers
         limit=batch_size * 2, batch_size=batch_size, remote=True, reduce=reduce,
         out_dir=tmp_path / f"{reduce}-{batch_size}",
     ))
-    return result.manifest["bytes_downloaded"] / result.manifest["requests"]
+    manifest = result.manifest
+    # Results travel zstd-compressed, so the wire size is at most the decompressed size.
+    assert 0 < manifest["bytes_downloaded"] <= manifest["result_bytes"] + 64
+    return manifest["result_bytes"] / manifest["requests"]
 
 
 def test_bytes_match_slice_size(ndif_host, model_dirs, caa_data, tmp_path):
@@ -252,3 +255,11 @@ def test_remote_eval_equals_local(ndif_host, smollm2, model_dirs, caa_data):
     # Only the [b, 2] letter probabilities come back: 2 batches x 3 multipliers.
     backend = trace_options["backend"]
     assert backend.bytes_downloaded < 6 * 2048, f"{backend.bytes_downloaded} bytes downloaded"
+
+
+def test_large_request_is_accepted(ndif_host, model_dirs, caa_data, tmp_path):
+    """128 long prompts pairs in one request: about 1.5 MB of token ids before compression."""
+    local, remote = _run_both(model_dirs["tiny-gpt2"], caa_data / "sycophancy" / "generate_dataset.json",
+                              tmp_path, layers="all", limit=128, batch_size=16, batches_per_request=8)
+    assert remote.manifest["requests"] == 1
+    assert (local.vectors - remote.vectors).abs().max() <= 1e-5
