@@ -285,9 +285,18 @@ def generate_vectors(
         requests_before, bytes_before = executor.requests, executor.bytes_downloaded
         result_bytes_before = executor.result_bytes
         job_id = jobs.job_for(start, n_items) if config.remote else None
+        results = None
         if job_id is not None:
-            results = executor.collect(job_id, batches, on_status=on_status)
-        else:
+            try:
+                results = executor.collect(job_id, batches, on_status=on_status)
+            except RuntimeError as error:
+                # The request is deterministic, so sending it again is safe. A failure
+                # inside the trace fails the same way again and is raised from run().
+                # NOTE: seen with ndif 0.1.2 on CPU: a job queued right behind another
+                # failed with greenlet's "parent cannot be on a different thread".
+                logger.warning("Job %s failed on the server (%s); sending its request again.",
+                               job_id, str(error).splitlines()[-1])
+        if results is None:
             results = executor.run(batches, on_status=on_status)
         for result in results:
             aggregate.add(result)
