@@ -28,6 +28,7 @@ class Outcome:
     vectors: torch.Tensor | None  # [n_layers, d_model] float32, None for the limit
     requests: int | None = None
     bytes_downloaded: int | None = None
+    result_bytes: int | None = None  # decompressed size of the results
 
 
 @dataclass
@@ -163,6 +164,6 @@ def make_remote_contender(batches_per_request: int, reduce: str):
                 model=setup.remote_model,
             )
         return Outcome(setup.items, result.vectors.float(), result.manifest["requests"],
-                       result.manifest["bytes_downloaded"])
+                       result.manifest["bytes_downloaded"], result.manifest.get("result_bytes"))
 
     return run_remote

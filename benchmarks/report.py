@@ -42,27 +42,35 @@ def _speed_rows(results: dict) -> list[str]:
     return rows
 
 
+def _result_bytes(run: dict) -> int:
+    # Results travel zstd-compressed; the decompressed size is what the slice-size target is
+    # about. Runs recorded before result_bytes existed only have the wire size.
+    return run.get("result_bytes") or run["bytes_downloaded"]
+
+
 def _remote_rows(results: dict) -> list[str]:
     d_model = results["d_model"]
-    rows = ["| layers | contender | requests | bytes/item | theoretical bytes/item | bytes/request | "
-            "theoretical bytes/request (reduce server) | measured/theoretical |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| layers | contender | requests | wire bytes/item | result bytes/item | theoretical bytes/item | "
+            "result bytes/request | theoretical bytes/request (reduce server) | result/theoretical |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for spec, records in results["records"].items():
         n_layers = len(results["layer_sets"][spec])
         for name, runs in records.items():
             if not name.startswith("remote") or not runs:
                 continue
             run = runs[-1]  # bytes do not vary between rounds
-            per_item = run["bytes_downloaded"] / run["items"]
-            per_request = run["bytes_downloaded"] / run["requests"]
+            wire_per_item = run["bytes_downloaded"] / run["items"]
+            result = _result_bytes(run)
+            per_item = result / run["items"]
+            per_request = result / run["requests"]
             if "reduce=server" in name:
                 theory = n_layers * d_model * FLOAT32_BYTES
-                rows.append(f"| {spec} | {name} | {run['requests']} | {per_item:.0f} | - | {per_request:.0f} | "
-                            f"{theory} | {per_request / theory:.3f} |")
+                rows.append(f"| {spec} | {name} | {run['requests']} | {wire_per_item:.0f} | {per_item:.0f} | - | "
+                            f"{per_request:.0f} | {theory} | {per_request / theory:.3f} |")
             else:
                 theory = 2 * n_layers * d_model * FLOAT32_BYTES
-                rows.append(f"| {spec} | {name} | {run['requests']} | {per_item:.0f} | {theory} | "
-                            f"{per_request:.0f} | - | {per_item / theory:.3f} |")
+                rows.append(f"| {spec} | {name} | {run['requests']} | {wire_per_item:.0f} | {per_item:.0f} | "
+                            f"{theory} | {per_request:.0f} | - | {per_item / theory:.3f} |")
     return rows
 
 
@@ -113,9 +121,9 @@ def _targets(results: dict) -> list[str]:
                 continue
             run = runs[-1]
             if "reduce=server" in name:
-                ratio = run["bytes_downloaded"] / run["requests"] / (n_layers * d_model * FLOAT32_BYTES)
+                ratio = _result_bytes(run) / run["requests"] / (n_layers * d_model * FLOAT32_BYTES)
             else:
-                ratio = run["bytes_downloaded"] / run["items"] / (2 * n_layers * d_model * FLOAT32_BYTES)
+                ratio = _result_bytes(run) / run["items"] / (2 * n_layers * d_model * FLOAT32_BYTES)
             met = abs(ratio - 1) <= 0.05
             lines.append(f"| {name} bytes within 5% of theory, layers {spec} | {ratio:.3f}x | "
                          f"{'yes' if met else 'NO'} |")

@@ -186,7 +186,8 @@ def run_rounds(args, setup, table, caa_setup) -> dict:
                       f"{outcome.items / seconds:7.3f} items/s", flush=True)
                 records[spec][name].append({"seconds": seconds, "items": outcome.items,
                                             "requests": outcome.requests,
-                                            "bytes_downloaded": outcome.bytes_downloaded})
+                                            "bytes_downloaded": outcome.bytes_downloaded,
+                                            "result_bytes": outcome.result_bytes})
             reference = round_outcomes["ndif-vectors local"].vectors
             for name, outcome in round_outcomes.items():
                 if outcome.vectors is None:
@@ -263,7 +264,9 @@ def main(argv=None) -> None:
         "remote_unavailable": remote_reason, "rss": rss, **measured,
         "total_seconds": time.perf_counter() - started,
     }
-    results_path = Path(__file__).resolve().parent / "results.json"
+    # The default report keeps results.json; a run written elsewhere gets its own file.
+    suffix = "" if args.out.stem == "benchmarks" else f"-{args.out.stem}"
+    results_path = Path(__file__).resolve().parent / f"results{suffix}.json"
     results_path.write_text(json.dumps(results, indent=1))
 
     from report import write_report

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 
 import ray
+import torch
 from ndif.common.metrics import ModelLoadTimeMetric
 from ndif.common.telemetry import elapsed_ms
 from ndif.services.ray.deployments.modeling.base import BaseModelDeployment
@@ -43,6 +45,10 @@ class CPUModelDeployment(BaseModelDeployment):
         because the base class would otherwise run requests on a half-placed model.
         """
         started_at = time.time()
+        # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1), so torch would run the
+        # model on one core (measured: 100% CPU during a request). The actor is the only
+        # compute-heavy process of the stack, so it uses every core, as a local run does.
+        torch.set_num_threads(os.cpu_count() or 1)
         # No device or device_map: nnsight's dispatch then leaves the weights on CPU.
         model = HuggingFaceModel.from_model_key(
             self.model_key, dispatch=True, dtype=self.dtype_name, **self.kwargs
