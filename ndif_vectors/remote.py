@@ -363,8 +363,17 @@ class RemoteExecutor:
                     on_status(backend.status.name.lower())
                 time.sleep(POLL_SECONDS)
                 continue
+            outputs = saved.get("outputs") if isinstance(saved, dict) else None
+            expected = 1 if self.reduction == "sum" else len(batches)
+            if outputs is None or len(outputs) != expected:
+                # NOTE: seen with ndif 0.1.2 on CPU: a job queued behind another returned
+                # the results of only some of its traces. The caller sends the request again.
+                raise RemoteRunError(
+                    f"Job {job_id} returned {len(outputs) if outputs is not None else 'no'} results "
+                    f"for {expected} expected."
+                )
             self._count(backend)
-            return to_results(batches, saved["outputs"], self.reduction)
+            return to_results(batches, outputs, self.reduction)
 
     def _count(self, backend) -> None:
         self.requests += 1
