@@ -54,7 +54,7 @@ def _manifests(directory: Path) -> list[Path]:
 
 
 def run_directories(path: Path) -> list[Path]:
-    """Return the behaviour directories at ``path``: itself if it holds a manifest, else its subfolders that do."""
+    """Return the behaviour directories at ``path``: itself if it contains a manifest, else its subfolders that do."""
     path = Path(path)
     if not path.is_dir():
         raise RunError(f"Vector directory not found: {path}. Pass the --out directory of `ndif-vectors run` "
@@ -64,7 +64,7 @@ def run_directories(path: Path) -> list[Path]:
     children = sorted(child for child in path.iterdir() if child.is_dir() and _manifests(child))
     if not children:
         raise RunError(
-            f"{path} holds no manifest_*.json, and neither do its subfolders. Pass a behaviour "
+            f"{path} contains no manifest_*.json, and neither do its subfolders. Pass a behaviour "
             "folder written by `ndif-vectors run` (it contains vectors_<model>.safetensors and "
             "manifest_<model>.json) or its parent."
         )
@@ -83,13 +83,13 @@ def load_run(directory: Path, model_name: str | None = None) -> RunVectors:
     if model_name is None:
         if len(names) != 1:
             raise RunError(
-                f"{directory} holds runs of {len(names)} models ({', '.join(names) or 'none'}); "
+                f"{directory} contains runs of {len(names)} models ({', '.join(names) or 'none'}); "
                 "pass --model-name to choose one."
             )
         model_name = names[0]
     elif model_name not in names:
         raise RunError(
-            f"{directory} has no run of model {model_name!r}; it holds {', '.join(names) or 'none'}."
+            f"{directory} has no run of model {model_name!r}; it contains {', '.join(names) or 'none'}."
         )
 
     paths = storage.OutputPaths(directory.parent, directory.name, model_name)
@@ -169,7 +169,7 @@ def normalize_runs(runs: list[RunVectors]) -> NormalizedRuns:
     for run in runs[1:]:
         if run.d_model != runs[0].d_model or run.model_name != runs[0].model_name:
             raise RunError(
-                f"{run.directory} holds vectors of model {run.model_name!r} (d_model {run.d_model}), but "
+                f"{run.directory} contains vectors of model {run.model_name!r} (d_model {run.d_model}), but "
                 f"{runs[0].directory} holds {runs[0].model_name!r} (d_model {runs[0].d_model}); "
                 "normalise runs of one model together."
             )

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from . import models
+from .console import configure_logging, console, fail
 from .cli_analysis import register as register_analysis_commands
 from .pipeline import RunConfig, generate_vectors, pending_runs, submit_vectors
 
@@ -23,27 +21,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-
-
-def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
-        force=True,
-    )
-    # Third-party libraries log at INFO in ways that drown the run's own lines
-    # (transformers prints whole configs), so they stay at WARNING even with --verbose.
-    for noisy in ("httpx", "httpcore", "urllib3", "filelock", "transformers", "nnsight", "websocket"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _fail(error: Exception) -> None:
-    console.print(f"[bold red]Error:[/] {error}", highlight=False)
-    raise typer.Exit(code=1)
-
-
 class _ItemRate(TextColumn):
     """Items per second over the run so far."""
 
@@ -85,7 +62,7 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug details (bytes per request, retries)."),
 ) -> None:
     """Generate steering vectors: mean of positive minus negative activations per layer."""
-    _configure_logging(verbose)
+    configure_logging(verbose)
     config = RunConfig(
         model=model, dataset=dataset, layers=layers, out_dir=out, behaviour=behaviour,
         prompt_format=prompt_format, system_prompt=system_prompt, read_index=read_index,
@@ -106,7 +83,7 @@ def _submit(config: RunConfig) -> None:
             submission = submit_vectors(config, progress=progress)
         except (ValueError, OSError, RuntimeError) as error:
             bar.stop()
-            _fail(error)
+            fail(error)
     console.print(f"Submitted {len(submission.job_ids)} jobs for {submission.n_items} items.")
     console.print(f"Collect the results with: ndif-vectors collect {submission.directory}")
 
@@ -117,11 +94,11 @@ def collect(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug details (bytes per request, retries)."),
 ) -> None:
     """Wait for the NDIF jobs of a run submitted with --no-wait and write its vectors."""
-    _configure_logging(verbose)
+    configure_logging(verbose)
     try:
         configs = pending_runs(directory)
     except ValueError as error:
-        _fail(error)
+        fail(error)
     for config in configs:
         result = _with_progress(lambda progress, config=config: generate_vectors(config, progress=progress))
         _print_summary(result)
@@ -161,7 +138,7 @@ def _with_progress(work):
             raise typer.Exit(code=130)
         except (ValueError, OSError, RuntimeError) as error:
             bar.stop()
-            _fail(error)
+            fail(error)
 
 
 def _print_summary(result) -> None:

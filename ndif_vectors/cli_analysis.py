@@ -6,34 +6,27 @@ module at its top without an import cycle.
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console(stderr=True)
+from .console import configure_logging, console, fail
 
+def _load_single_run(vectors: Path, model_name: str | None):
+    """Load the one behaviour run at ``vectors``; raise ``ValueError`` if the folder contains several."""
+    from .analysis import load_runs
 
-def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
-        force=True,
-    )
-    for noisy in ("httpx", "urllib3", "filelock", "transformers", "nnsight", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
-
-
-def _fail(error: Exception | str) -> None:
-    console.print(f"[bold red]Error:[/] {error}", highlight=False)
-    raise typer.Exit(code=1)
+    runs = load_runs([vectors], model_name)
+    if len(runs) != 1:
+        raise ValueError(
+            f"{vectors} contains {len(runs)} behaviours ({', '.join(run.behaviour for run in runs)}); "
+            "pass one behaviour folder to --vectors."
+        )
+    return runs[0]
 
 
 def parse_multipliers(text: str) -> list[float]:
@@ -67,12 +60,12 @@ def _default_model(manifest: dict) -> str | None:
 
 
 def eval_command(
-    vectors: Path = typer.Option(..., "--vectors", help="Behaviour folder written by `ndif-vectors run` (OUT/<behaviour>), or OUT if it holds one behaviour."),
+    vectors: Path = typer.Option(..., "--vectors", help="Behaviour folder written by `ndif-vectors run` (OUT/<behaviour>), or OUT if it contains one behaviour."),
     dataset: Path = typer.Option(..., "--dataset", help="A/B test set (CAA JSON list or JSONL), e.g. test_dataset_ab.json."),
     layers: Optional[str] = typer.Option(None, help="Layers to steer, one at a time: a list '10,13', a range '10-14' or 'all'. Default: every layer that has a vector."),
     multipliers: str = typer.Option("-2,-1,0,1,2", help="Comma-separated multipliers of the vector (unitless; 0 is unsteered)."),
     model: Optional[str] = typer.Option(None, help="Hub id or local directory of the model. Default: the model in the vectors' manifest."),
-    model_name: Optional[str] = typer.Option(None, "--model-name", help="Which run to read when the folder holds runs of several models (the M in manifest_M.json)."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="Which run to read when the folder contains runs of several models (the M in manifest_M.json)."),
     prompt_format: Optional[str] = typer.Option(None, "--prompt-format", help="chat, llama2 or base. Default: the format the vectors were built with."),
     system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="System prompt. Default: the one the vectors were built with."),
     positions: str = typer.Option("answer", help="Where the vector is added: 'answer' (from the answer's '(' on, as in CAA) or 'all' (every prompt token)."),
@@ -88,18 +81,11 @@ def eval_command(
 ) -> None:
     """Steer with multiplier x vector at each layer and score the A/B test set."""
     from . import datasets, models, prompts
-    from .analysis import load_runs
     from .steering import evaluate_steering, plot_layer_sweep, plot_multiplier_sweep, write_sweep_tables
 
-    _configure_logging(verbose)
+    configure_logging(verbose)
     try:
-        runs = load_runs([vectors], model_name)
-        if len(runs) != 1:
-            raise ValueError(
-                f"{vectors} holds {len(runs)} behaviours ({', '.join(run.behaviour for run in runs)}); "
-                "pass one behaviour folder to --vectors."
-            )
-        run = runs[0]
+        run = _load_single_run(vectors, model_name)
         manifest = run.manifest
         multiplier_values = parse_multipliers(multipliers)
         if plot_multiplier is not None and plot_multiplier not in multiplier_values:
@@ -125,7 +111,7 @@ def eval_command(
                                                      nnsight_model.tokenizer)
         system = system_prompt if system_prompt is not None else manifest.get("system_prompt")
     except (ValueError, OSError, RuntimeError) as error:
-        _fail(error)
+        fail(error)
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
@@ -144,7 +130,7 @@ def eval_command(
             raise typer.Exit(code=130)
         except (ValueError, RuntimeError) as error:
             bar.stop()
-            _fail(error)
+            fail(error)
 
     out_dir = out or run.directory / "eval"
     stem = f"eval_{run.behaviour}_{models.model_name(model_id)}"
@@ -171,7 +157,7 @@ def eval_command(
                                       f"Behaviour score vs layer at multiplier {sweep_multiplier:+g}\n{title}",
                                       sweep_multiplier))
     except OSError as error:
-        _fail(error)
+        fail(error)
 
     table = Table(title=f"{run.behaviour}: mean behaviour score p(matching) / (p(matching) + p(not matching))")
     table.add_column("layer", justify="right")
@@ -187,18 +173,18 @@ def eval_command(
 def normalize_command(
     directories: List[Path] = typer.Argument(..., help="Behaviour folders, or run folders that contain them (at least two behaviours in all)."),
     out: Path = typer.Option(..., "--out", help="Output folder; normalised copies go to OUT/<behaviour>/ in the layout of `ndif-vectors run`."),
-    model_name: Optional[str] = typer.Option(None, "--model-name", help="Which run to read when a folder holds runs of several models (the M in manifest_M.json)."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="Which run to read when a folder contains runs of several models (the M in manifest_M.json)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug details."),
 ) -> None:
     """Rescale each layer's vectors to the mean norm of that layer across behaviours (CAA)."""
     from .analysis import load_runs, normalize_runs, write_normalized
 
-    _configure_logging(verbose)
+    configure_logging(verbose)
     try:
         result = normalize_runs(load_runs(directories, model_name))
         files = write_normalized(result, out)
     except (ValueError, OSError) as error:
-        _fail(error)
+        fail(error)
 
     table = Table(title="Vector norm per layer before normalisation; the last column is the common norm after")
     table.add_column("layer", justify="right")
@@ -218,29 +204,22 @@ def export_command(
     format: str = typer.Option(..., "--format", help="gguf (llama.cpp control vector), safetensors (keys layer.<L>) or pt (a {layer: tensor} dict)."),
     out: Path = typer.Option(..., "--out", help="Output file."),
     layers: Optional[str] = typer.Option(None, help="Layers to export, e.g. '10-14'. Default: every layer with a vector (GGUF skips layer 0, which llama.cpp cannot use)."),
-    model_name: Optional[str] = typer.Option(None, "--model-name", help="Which run to read when the folder holds runs of several models."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="Which run to read when the folder contains runs of several models."),
     model_hint: Optional[str] = typer.Option(None, "--model-hint", help="GGUF controlvector.model_hint. Default: the model_type in the model's config.json, else the model name."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug details."),
 ) -> None:
     """Write a run's vectors as a llama.cpp GGUF control vector, safetensors or a .pt file."""
-    from .analysis import load_runs
     from .export import export_run
     from .models import parse_layers
 
-    _configure_logging(verbose)
+    configure_logging(verbose)
     try:
-        runs = load_runs([vectors], model_name)
-        if len(runs) != 1:
-            raise ValueError(
-                f"{vectors} holds {len(runs)} behaviours ({', '.join(run.behaviour for run in runs)}); "
-                "pass one behaviour folder to --vectors."
-            )
-        run = runs[0]
+        run = _load_single_run(vectors, model_name)
         n_model_layers = int(run.manifest.get("n_model_layers") or max(run.layers) + 1)
         layer_list = None if layers is None else parse_layers(layers, n_model_layers)
         result = export_run(run, out, format, layer_list, model_hint)
     except (ValueError, OSError) as error:
-        _fail(error)
+        fail(error)
     skipped = f"; skipped layer {', '.join(map(str, result.skipped_layers))}" if result.skipped_layers else ""
     console.print(f"Wrote {result.path} ({result.format}, layers {result.layers}{skipped})", highlight=False)
 
@@ -249,20 +228,20 @@ def compare_command(
     directories: List[Path] = typer.Argument(..., help="One run (compares its layers), two runs of one behaviour (e.g. local vs NDIF), or several behaviours."),
     mode: Optional[str] = typer.Option(None, help="layers, behaviours or runs. Default: chosen from the folders as described above."),
     out: Path = typer.Option(Path("similarity.png"), "--out", help="Heatmap PNG; the matrix is also written next to it as JSON."),
-    model_name: Optional[str] = typer.Option(None, "--model-name", help="Which run to read when a folder holds runs of several models."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="Which run to read when a folder contains runs of several models."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug details."),
 ) -> None:
     """Cosine similarity between the vectors of layers, behaviours or two runs."""
     from . import storage
     from .analysis import compare_runs, load_runs, plot_heatmap
 
-    _configure_logging(verbose)
+    configure_logging(verbose)
     try:
         comparison = compare_runs(load_runs(directories, model_name), mode)
         png = plot_heatmap(comparison, out)
         data = storage.save_json(out.with_suffix(".json"), comparison.to_json())
     except (ValueError, OSError) as error:
-        _fail(error)
+        fail(error)
 
     table = Table(title=comparison.title)
     if comparison.mode == "runs":

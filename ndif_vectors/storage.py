@@ -145,7 +145,7 @@ class RunState:
         ]
         if differences or state.get("version") != STATE_VERSION:
             raise ResumeMismatchError(
-                f"{self.directory} holds partial results of a run with other settings "
+                f"{self.directory} contains partial results of a run with other settings "
                 f"({'; '.join(differences) or 'older state format'}). Rerun with the same "
                 "settings to resume, or pass --restart to discard the partial results."
             )

@@ -110,7 +110,7 @@ def test_load_run_errors_name_the_path(tmp_path):
     with pytest.raises(RunError, match="not found"):
         load_runs([tmp_path / "missing"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(RunError, match="holds no manifest"):
+    with pytest.raises(RunError, match="contains no manifest"):
         load_runs([tmp_path / "empty"])
     directory = write_run(tmp_path, "refusal", random_vectors(0), model_name="model-a")
     write_run(tmp_path, "refusal", random_vectors(1), model_name="model-b")
