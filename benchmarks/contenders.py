@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ndif_vectors import RunConfig, generate_vectors
-from ndif_vectors.extraction import Batch, make_batch
+from ndif_vectors.extraction import Batch, longest_first, make_batch
 from ndif_vectors.prompts import EncodedPair
 
 READ_INDEX = -2
@@ -50,9 +50,11 @@ class Setup:
     batches: list[Batch] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        # The batches that ndif-vectors itself runs: longest first, then cut.
+        ordered = longest_first(self.pairs)
         self.batches = [
-            make_batch(self.pairs[start: start + self.batch_size], self.pad_token_id)
-            for start in range(0, len(self.pairs), self.batch_size)
+            make_batch(ordered[start: start + self.batch_size], self.pad_token_id)
+            for start in range(0, len(ordered), self.batch_size)
         ]
 
 
@@ -61,7 +63,7 @@ class _StopForward(Exception):
 
 
 def run_limit(setup: Setup, layers: list[int]) -> Outcome:
-    """A bare transformers forward pass over the same left-padded batches, up to the last needed layer.
+    """A bare transformers forward pass over ndif-vectors' left-padded batches, up to the last needed layer.
 
     The hook on the last block reads nothing: it only ends the forward pass, so the
     final norm and the LM head never run. This is the cost of the matrix products alone.

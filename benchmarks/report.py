@@ -109,7 +109,7 @@ def _targets(results: dict) -> list[str]:
     rss = results.get("rss") or []
     if len(rss) >= 2:
         small, large = rss[0], rss[-1]
-        growth = large["peak_rss_kib"] / small["peak_rss_kib"]
+        growth = large["peak_rss_mib"] / small["peak_rss_mib"]
         lines.append(f"| peak RSS at {large['items']} items within 10% of {small['items']} | "
                      f"{growth:.3f}x | {'yes' if growth <= 1.10 else 'NO'} |")
 
@@ -138,9 +138,11 @@ def write_report(results: dict, out: Path, findings: Path) -> None:
         "Throughput of ndif-vectors against a bare forward pass (the limit), the CAA script's method, and",
         "the `steering-vectors` library, on the same items, measured by `benchmarks/run.py`. Every contender",
         "reads the chat-format prompts at index -2 in float32 on the CPU; model loading is excluded from",
-        "every timing. The contenders run back to back and in a rotated order in each round. The CPU was",
-        "shared with other work (test suites, the NDIF server of the remote rows) while this ran, so absolute",
-        "items/s move between rounds. Only the ratios, measured side by side within a round, are comparable.",
+        "every timing. ndif-vectors sorts the items longest first before cutting batches, and the limit runs",
+        "those same batches; steering-vectors gets the pairs in dataset order, as its API takes them, and",
+        "the CAA method runs one prompt at a time. The contenders run back to back and in a rotated order in",
+        "each round. The idle NDIF server of the remote rows shares the CPU, so absolute items/s move between",
+        "rounds; the ratios, measured side by side within a round, are the figures to compare.",
         "",
         "## Command",
         "",
@@ -181,14 +183,29 @@ def write_report(results: dict, out: Path, findings: Path) -> None:
             *_remote_rows(results),
             "",
         ]
+    rates = results.get("batch_rates") or []
+    if rates:
+        lines += ["## Forward-pass rate by batch size", "",
+                  f"The bare transformers forward pass on the same {rates[0]['tokens']} real tokens (the second-longest",
+                  "batch's items), counting only unpadded tokens; best of two passes after a warm-up.", "",
+                  "| case | tokens/s | relative to the CAA method |", "| --- | --- | --- |"]
+        caa_rate = rates[-1]["tokens_per_second"]
+        for entry in rates:
+            lines.append(f"| {entry['case']} | {entry['tokens_per_second']:.0f} | "
+                         f"{entry['tokens_per_second'] / caa_rate:.2f}x |")
+        lines.append("")
     rss = results.get("rss") or []
     lines += ["## Peak RSS of ndif-vectors local", ""]
     if rss:
-        lines += ["Each figure comes from a fresh process: `ru_maxrss` after loading the model and one run.", "",
-                  "| items | layers | peak RSS (MiB) | after model load (MiB) | run seconds |", "| --- | --- | --- | --- | --- |"]
+        lines += ["Each row is one fresh process that loads the model and runs once. Peak RSS is the",
+                  "process's own high-water mark (`VmHWM`); the RSS between requests is sampled after each one.", "",
+                  "| items | layers | peak RSS (MiB) | peak after model load (MiB) | largest RSS between requests (MiB) "
+                  "| RSS after the last request (MiB) | run seconds |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for entry in rss:
             lines.append(f"| {entry['items']} | {entry.get('layers', args['rss_layers'])} | "
-                         f"{entry['peak_rss_kib'] / 1024:.0f} | {entry['after_load_kib'] / 1024:.0f} | "
+                         f"{entry['peak_rss_mib']:.0f} | {entry['after_load_mib']:.0f} | "
+                         f"{entry['max_rss_between_requests_mib']:.0f} | {entry['last_rss_between_requests_mib']:.0f} | "
                          f"{entry['seconds']:.1f} |")
         lines.append("")
     else:

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shlex
 import subprocess
 import sys
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import contenders  # noqa: E402
 
 from ndif_vectors import RunConfig, datasets, generate_vectors, models, prompts  # noqa: E402
+from ndif_vectors.extraction import longest_first, make_batch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATASET = ROOT.parent / "shared" / "data" / "caa" / "sycophancy" / "generate_dataset.json"
@@ -51,6 +51,8 @@ def parse_args(argv=None):
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--rss-items", default="100,1000", help="item counts for the peak-RSS runs; empty to skip")
     parser.add_argument("--rss-layers", default="all", help="layer selection for the peak-RSS runs")
+    parser.add_argument("--rate-items", type=int, default=16,
+                        help="items (longest first) for the tokens/s-by-batch-size table; 0 to skip")
     parser.add_argument("--skip", default="", help="comma-separated contender names to leave out")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
@@ -205,19 +207,80 @@ def run_rounds(args, setup, table, caa_setup) -> dict:
             "records": records}
 
 
+def _status_mib(field: str) -> float:
+    """Read a memory field of /proc/self/status (``VmRSS``, ``VmHWM``) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # the file gives kB
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def measure_batch_rates(args, setup) -> list[dict]:
+    """Measure tokens/s of the bare transformers forward pass by batch size, on the same prompts.
+
+    Rows: the decoder blocks alone (no final norm, no LM head) at several batch sizes,
+    and the whole model at batch size 1 as the CAA method runs it. Each figure is the
+    best of two passes after one warm-up pass, counting only real (unpadded) tokens.
+    """
+    if args.rate_items <= 0:
+        return []
+    pairs = longest_first(setup.pairs)[args.batch_size: args.batch_size + args.rate_items]
+    rows = [pair.positive for pair in pairs] + [pair.negative for pair in pairs]
+    tokens = sum(len(row) for row in rows)
+    hf_model = setup.hf_model
+
+    def blocks_at(items_per_batch: int):
+        def run() -> None:
+            for start in range(0, len(pairs), items_per_batch):
+                batch = make_batch(pairs[start: start + items_per_batch], setup.pad_token_id)
+                hf_model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               position_ids=batch.position_ids, use_cache=False)
+        return run
+
+    def whole_model_one_prompt_at_a_time() -> None:
+        for row in rows:
+            hf_model(torch.tensor([row]))
+
+    cases = [(f"decoder blocks, {size} item{'s' if size > 1 else ''} ({2 * size} prompts) per batch", blocks_at(size))
+             for size in sorted({1, 4, 8, args.batch_size})]
+    cases.append(("whole model with LM head, 1 prompt per pass (the CAA method)", whole_model_one_prompt_at_a_time))
+    results = []
+    with torch.no_grad():
+        for name, run in cases:
+            run()
+            best = float("inf")
+            for _ in range(2):
+                started = time.perf_counter()
+                run()
+                best = min(best, time.perf_counter() - started)
+            results.append({"case": name, "tokens": tokens, "seconds": best, "tokens_per_second": tokens / best})
+            print(f"{name}: {tokens / best:.0f} tokens/s", flush=True)
+    return results
+
+
 def rss_child(args) -> None:
-    """Run ndif-vectors local once in this fresh process and print its peak RSS as JSON."""
+    """Run ndif-vectors local once in this fresh process and print its peak RSS as JSON.
+
+    The peak is ``VmHWM``, this process's own high-water mark. ``ru_maxrss`` would not do:
+    Linux keeps the parent's RSS at fork as the child's peak across exec, and a child of the
+    benchmark process reported 3659 MiB after loading a model that takes 438 MiB alone.
+    """
     model = models.load_model(str(args.model_dir), dtype="float32")
-    after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after_load = _status_mib("VmHWM")
+    rss_after_request = []
+
+    def record(done: int, total: int, status: str) -> None:
+        rss_after_request.append(_status_mib("VmRSS"))
+
     with tempfile.TemporaryDirectory(prefix="ndif-vectors-rss-") as out_dir:
         started = time.perf_counter()
         generate_vectors(RunConfig(model=str(args.model_dir), dataset=args.dataset, limit=args.rss_child,
                                    layers=args.rss_layers, batch_size=args.batch_size, out_dir=Path(out_dir),
-                                   prompt_format="chat"), model=model)
+                                   prompt_format="chat"), model=model, progress=record)
         seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"items": args.rss_child, "peak_rss_kib": peak, "after_load_kib": after_load,
-                      "seconds": seconds}))
+    print(json.dumps({"items": args.rss_child, "peak_rss_mib": _status_mib("VmHWM"), "after_load_mib": after_load,
+                      "max_rss_between_requests_mib": max(rss_after_request),
+                      "last_rss_between_requests_mib": rss_after_request[-1], "seconds": seconds}))
 
 
 def measure_rss(args) -> list[dict]:
@@ -228,7 +291,7 @@ def measure_rss(args) -> list[dict]:
                    "--model-dir", str(args.model_dir)]
         completed = subprocess.run(command, capture_output=True, text=True, check=True)
         results.append(json.loads(completed.stdout.strip().splitlines()[-1]))
-        print(f"peak RSS at {count} items: {results[-1]['peak_rss_kib'] / 1024:.0f} MiB", flush=True)
+        print(f"peak RSS at {count} items: {results[-1]['peak_rss_mib']:.0f} MiB", flush=True)
     return results
 
 
@@ -254,6 +317,7 @@ def main(argv=None) -> None:
     skipped = {name.strip() for name in args.skip.split(",") if name.strip()}
     table = [entry for entry in contender_table(remote_reason) if entry[0] not in skipped]
     measured = run_rounds(args, setup, table, caa_setup)
+    batch_rates = measure_batch_rates(args, setup)
     rss = measure_rss(args)
 
     command = "ip netns exec ndifvec .venv/bin/python benchmarks/run.py " + " ".join(
@@ -261,7 +325,7 @@ def main(argv=None) -> None:
     results = {
         "command": command, "machine": machine_description(), "versions": versions(),
         "args": {key: str(value) for key, value in vars(args).items()},
-        "remote_unavailable": remote_reason, "rss": rss, **measured,
+        "remote_unavailable": remote_reason, "rss": rss, "batch_rates": batch_rates, **measured,
         "total_seconds": time.perf_counter() - started,
     }
     # The default report keeps results.json; a run written elsewhere gets its own file.

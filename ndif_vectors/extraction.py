@@ -15,6 +15,7 @@ Two reductions decide what a trace returns:
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import nnsight
@@ -48,6 +49,17 @@ class BatchResult:
     slices: torch.Tensor | None = None  # [2b, n_layers, d_model]
     difference_sum: torch.Tensor | None = None  # [n_layers, d_model], float32
     finite: torch.Tensor | None = None  # [b], bool
+
+
+def longest_first(pairs: list[EncodedPair]) -> list[EncodedPair]:
+    """Return ``pairs`` sorted by their longer prompt, longest first, ties in dataset order.
+
+    Batches cut from this order pad each row to a similar length. On the first 1000 CAA
+    sycophancy items with batches of 16, padding is 26% of the tokens in dataset order and
+    0.6% in this order. The longest batch also runs first, so a batch size that does not
+    fit in memory fails on the first batch.
+    """
+    return sorted(pairs, key=lambda pair: max(len(pair.positive), len(pair.negative)), reverse=True)
 
 
 def make_batch(pairs: list[EncodedPair], pad_token_id: int) -> Batch:
@@ -93,8 +105,9 @@ def trace_batches(model, envoys: list, batches: list[Batch], read_index: int, re
         difference_sum = None
         finite_flags = []
         for input_ids, attention_mask, position_ids, n_items in inputs:
+            # Nothing reads a KV cache, so none is built.
             with model.trace(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ) as tracer:
                 layer_slices = []
                 for envoy in envoys:
@@ -102,7 +115,9 @@ def trace_batches(model, envoys: list, batches: list[Batch], read_index: int, re
                     # transformers 5 returns a tensor from a decoder block, 4 a tuple.
                     if isinstance(output, tuple):
                         output = output[0]
-                    layer_slices.append(output[:, read_index, :])
+                    # A copy, not a view: a view would keep the block's whole [2b, T, d_model]
+                    # output alive until the trace ends.
+                    layer_slices.append(output[:, read_index, :].clone())
                 stacked = torch.stack(layer_slices, dim=1)  # [2b, n_layers, d_model]
 
                 if reduction == "sum":
@@ -143,4 +158,8 @@ def run_batches_locally(model, stack: LayerStack, layers: list[int], batches: li
     envoys = [stack.envoy(model, layer) for layer in layers]
     with torch.no_grad():
         outputs = trace_batches(model, envoys, batches, read_index, reduction)
+    # The early stop leaves reference cycles (exception, traceback, frames) that hold the batch's
+    # hidden states, and Python rarely runs a full collection with a model loaded. Collecting the
+    # young generations frees them in well under a millisecond.
+    gc.collect(1)
     return to_results(batches, outputs, reduction)

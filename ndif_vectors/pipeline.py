@@ -22,7 +22,7 @@ import torch
 
 from . import datasets, models, prompts, storage
 from .aggregation import MeanDifference
-from .extraction import BatchResult, make_batch, run_batches_locally
+from .extraction import BatchResult, longest_first, make_batch, run_batches_locally
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +188,7 @@ class _PreparedRun:
     d_model: int
     prompt_format: prompts.PromptFormat
     pairs: list[prompts.EncodedPair]
+    """In processing order, longest first; each pair keeps its dataset index."""
     pad_token_id: int
     paths: storage.OutputPaths
     state: storage.RunState
@@ -229,7 +230,9 @@ def _prepare(config: RunConfig, model) -> _PreparedRun:
 
     # 3. Prompts, all checked before the first forward pass
     prompt_format = prompts.resolve_format(config.prompt_format, tokenizer)
-    pairs = prompts.encode_items(items, tokenizer, prompt_format, config.system_prompt, config.read_index)
+    pairs = longest_first(
+        prompts.encode_items(items, tokenizer, prompt_format, config.system_prompt, config.read_index)
+    )
     pad_token_id = tokenizer.pad_token_id
     if pad_token_id is None:
         pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -298,13 +301,15 @@ def generate_vectors(
                                job_id, str(error).splitlines()[-1])
         if results is None:
             results = executor.run(batches, on_status=on_status)
+        position = start
         for result in results:
             aggregate.add(result)
+            size = len(result.item_indices)
             if config.save_activations:
-                size = len(result.item_indices)
                 state.save_activation_chunk(
-                    result.item_indices[0], result.slices[:size].float(), result.slices[size:].float(),
+                    position, result.item_indices, result.slices[:size].float(), result.slices[size:].float(),
                 )
+            position += size
         items_done += n_items
         stats["requests"] += executor.requests - requests_before
         stats["bytes_downloaded"] += executor.bytes_downloaded - bytes_before
@@ -319,8 +324,8 @@ def generate_vectors(
     paths, layers = run.paths, run.layers
     files = storage.write_vectors(paths, layers, vectors)
     if config.save_activations:
-        positive, negative = state.load_activation_chunks()
-        files += storage.write_activations(paths, layers, torch.cat(positive), torch.cat(negative))
+        positive, negative = state.load_activations()
+        files += storage.write_activations(paths, layers, positive, negative)
 
     manifest = {
         "behaviour": run.behaviour,

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import httpx
-import torch
 
 from . import models
 

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
@@ -121,7 +121,8 @@ class RunState:
 
     ``state.pt`` holds the settings fingerprint, the float64 running sum, the count and
     the number of dataset items done; activation chunks sit beside it when requested.
-    Batches are processed in dataset order, so "items done" is a prefix of the dataset.
+    Items are processed longest first (``extraction.longest_first``), an order fixed by the
+    settings in the fingerprint, so "items done" is a prefix of that order.
     """
 
     def __init__(self, directory: Path, fingerprint: dict):
@@ -161,18 +162,25 @@ class RunState:
         }
         save_tensor(self.state_file, state)
 
-    def activation_chunk(self, start: int) -> Path:
-        return self.directory / f"activations_{start:09d}.pt"
+    def activation_chunk(self, position: int) -> Path:
+        return self.directory / f"activations_{position:09d}.pt"
 
-    def save_activation_chunk(self, start: int, positive: torch.Tensor, negative: torch.Tensor) -> None:
-        save_tensor(self.activation_chunk(start), {"positive": positive, "negative": negative})
+    def save_activation_chunk(self, position: int, item_indices: list[int], positive: torch.Tensor,
+                              negative: torch.Tensor) -> None:
+        """Save the ``[b, n_layers, d_model]`` activations of dataset items ``item_indices``.
 
-    def load_activation_chunks(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        positive, negative = [], []
-        for path in sorted(self.directory.glob("activations_*.pt")):
-            chunk = torch.load(path, weights_only=True)
-            positive.append(chunk["positive"])
-            negative.append(chunk["negative"])
+        ``position`` is where the chunk starts in the processing order.
+        """
+        chunk = {"item_indices": torch.tensor(item_indices, dtype=torch.long),
+                 "positive": positive, "negative": negative}
+        save_tensor(self.activation_chunk(position), chunk)
+
+    def load_activations(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the saved positive and negative activations, ``[N, n_layers, d_model]``, in dataset order."""
+        chunks = [torch.load(path, weights_only=True) for path in sorted(self.directory.glob("activations_*.pt"))]
+        order = torch.cat([chunk["item_indices"] for chunk in chunks]).argsort()
+        positive = torch.cat([chunk["positive"] for chunk in chunks])[order]
+        negative = torch.cat([chunk["negative"] for chunk in chunks])[order]
         return positive, negative
 
     def clear(self) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from ndif_vectors.datasets import ABItem
-from ndif_vectors.extraction import make_batch, run_batches_locally
+from ndif_vectors.extraction import longest_first, make_batch, run_batches_locally
 from ndif_vectors.models import find_layers
-from ndif_vectors.prompts import PromptFormat, encode_items
+from ndif_vectors.prompts import EncodedPair, PromptFormat, encode_items
 
 
 def _batch(model, n_items=3):
@@ -53,3 +55,26 @@ def test_sum_reduction_equals_slices(smollm2):
     assert summed.difference_sum.dtype == torch.float32
     assert torch.allclose(summed.difference_sum, expected, atol=1e-5)
     assert summed.finite.tolist() == [True] * 4
+
+
+def test_longest_first_sorts_by_the_longer_prompt():
+    lengths = [(5, 5), (9, 7), (3, 8), (9, 9), (8, 3), (2, 2)]
+    pairs = [EncodedPair(index, [1] * positive, [1] * negative) for index, (positive, negative) in enumerate(lengths)]
+    # Longer prompt of each pair: 5, 9, 8, 9, 8, 2; ties keep dataset order.
+    assert [pair.index for pair in longest_first(pairs)] == [1, 3, 2, 4, 0, 5]
+
+
+def test_local_trace_frees_hidden_states(smollm2):
+    stack = find_layers(smollm2)
+    gc.collect()
+    run_batches_locally(smollm2, stack, [0, 3], [_batch(smollm2, n_items=4)], -2, "slices")
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        stranded = [obj for obj in gc.garbage if isinstance(obj, torch.Tensor)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    # The early stop leaves reference cycles that hold every read block's hidden states until a
+    # full collection, which a process with a model loaded rarely runs.
+    assert stranded == []

@@ -8,8 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ndif_vectors import models, storage
+from ndif_vectors import datasets, models, storage
+from ndif_vectors.extraction import longest_first, make_batch, run_batches_locally
 from ndif_vectors.pipeline import RunConfig, generate_vectors
+from ndif_vectors.prompts import PromptFormat, encode_items
 from reference import reference_vectors
 
 
@@ -114,6 +116,17 @@ def test_outputs_and_manifest(smollm2, model_dirs, caa_data, tmp_path):
         negative = torch.load(directory / f"activations_neg_{layer}_{name}.pt")
         assert positive.shape == (6, 576)
         assert torch.allclose((positive - negative).mean(dim=0), vector, atol=1e-5)
+
+    # Items run longest first, but the activation files keep dataset order: row i is item i.
+    pairs = encode_items(datasets.load_dataset(dataset)[:6], smollm2.tokenizer, PromptFormat.CHAT)
+    assert [pair.index for pair in longest_first(pairs)] != list(range(6))
+    stack = models.find_layers(smollm2)
+    for pair in pairs:
+        alone = run_batches_locally(smollm2, stack, [10, 11, 12], [make_batch([pair], smollm2.tokenizer.pad_token_id)],
+                                    -2, "slices")[0].slices  # [2, 3, 576]
+        for row, layer in enumerate([10, 11, 12]):
+            positive = torch.load(directory / f"activations_pos_{layer}_{name}.pt")
+            assert torch.allclose(positive[pair.index], alone[0, row], atol=1e-4)
 
     manifest = json.loads((directory / f"manifest_{name}.json").read_text())
     assert manifest["layers"] == [10, 11, 12]
