@@ -66,7 +66,8 @@ def run_limit(setup: Setup, layers: list[int]) -> Outcome:
     """A bare transformers forward pass over ndif-vectors' left-padded batches, up to the last needed layer.
 
     The hook on the last block reads nothing: it only ends the forward pass, so the
-    final norm and the LM head never run. This is the cost of the matrix products alone.
+    final norm and the LM head never run, and no KV cache is kept. This is the cost of the
+    forward computation alone.
     """
     def stop(module, inputs, output):
         raise _StopForward
@@ -77,7 +78,7 @@ def run_limit(setup: Setup, layers: list[int]) -> Outcome:
             for batch in setup.batches:
                 try:
                     setup.hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                   position_ids=batch.position_ids)
+                                   position_ids=batch.position_ids, use_cache=False)
                 except _StopForward:
                     pass
     finally:

@@ -147,11 +147,15 @@ def write_report(results: dict, out: Path, findings: Path) -> None:
         "## Command",
         "",
         "```bash",
-        "set -a; source .ndif-stack/stack.env; set +a",
+        *([] if results["command"] == "make bench" else ["set -a; source .ndif-stack/stack.env; set +a"]),
         results["command"],
         "```",
+        *(["",
+           "`make bench` installs steering-vectors, starts the local NDIF stack unless it is up, runs",
+           "`benchmarks/run.py` inside the stack's network namespace and stops the stack it started."]
+          if results["command"] == "make bench" else []),
         "",
-        f"Items: the first {args['items']} of `{args['dataset']}`; batch size {args['batch_size']} items "
+        f"Items: the first {args['items']} of CAA's `{Path(args['dataset']).parent.name}/{Path(args['dataset']).name}`; batch size {args['batch_size']} items "
         f"({2 * int(args['batch_size'])} prompts); {args['rounds']} rounds; CAA method on "
         f"{args['caa_items'] if args['caa_items'] != 'None' else args['items']} items (its rate is per item, "
         "so it compares directly). Total wall time "

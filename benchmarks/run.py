@@ -320,8 +320,10 @@ def main(argv=None) -> None:
     batch_rates = measure_batch_rates(args, setup)
     rss = measure_rss(args)
 
-    command = "ip netns exec ndifvec .venv/bin/python benchmarks/run.py " + " ".join(
-        shlex.quote(arg) for arg in (argv if argv is not None else sys.argv[1:]))
+    arguments = argv if argv is not None else sys.argv[1:]
+    # With no arguments this is the run that `make bench` makes (through benchmarks/run.sh).
+    command = "make bench" if not arguments else "ip netns exec ndifvec .venv/bin/python benchmarks/run.py " + " ".join(
+        shlex.quote(arg) for arg in arguments)
     results = {
         "command": command, "machine": machine_description(), "versions": versions(),
         "args": {key: str(value) for key, value in vars(args).items()},

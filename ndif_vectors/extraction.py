@@ -55,8 +55,8 @@ def longest_first(pairs: list[EncodedPair]) -> list[EncodedPair]:
     """Return ``pairs`` sorted by their longer prompt, longest first, ties in dataset order.
 
     Batches cut from this order pad each row to a similar length. On the first 1000 CAA
-    sycophancy items with batches of 16, padding is 26% of the tokens in dataset order and
-    0.6% in this order. The longest batch also runs first, so a batch size that does not
+    sycophancy items with batches of 16, padding adds 26% to the real tokens in dataset
+    order and 0.6% in this order. The longest batch also runs first, so a batch size that does not
     fit in memory fails on the first batch.
     """
     return sorted(pairs, key=lambda pair: max(len(pair.positive), len(pair.negative)), reverse=True)
