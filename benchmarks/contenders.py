@@ -63,7 +63,7 @@ class _StopForward(Exception):
 
 
 def run_limit(setup: Setup, layers: list[int]) -> Outcome:
-    """A bare transformers forward pass over ndif-vectors' left-padded batches, up to the last needed layer.
+    """Run a bare transformers forward pass over ndif-vectors' left-padded batches, up to the last needed layer.
 
     The hook on the last block reads nothing: it only ends the forward pass, so the
     final norm and the LM head never run, and no KV cache is kept. This is the cost of the

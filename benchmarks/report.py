@@ -132,6 +132,7 @@ def _targets(results: dict) -> list[str]:
 
 def write_report(results: dict, out: Path, findings: Path) -> None:
     machine, args = results["machine"], results["args"]
+    dataset = Path(args["dataset"])
     lines = [
         "# Benchmarks",
         "",
@@ -155,7 +156,8 @@ def write_report(results: dict, out: Path, findings: Path) -> None:
            "`benchmarks/run.py` inside the stack's network namespace and stops the stack it started."]
           if results["command"] == "make bench" else []),
         "",
-        f"Items: the first {args['items']} of CAA's `{Path(args['dataset']).parent.name}/{Path(args['dataset']).name}`; batch size {args['batch_size']} items "
+        f"Items: the first {args['items']} of CAA's `{dataset.parent.name}/{dataset.name}`; "
+        f"batch size {args['batch_size']} items "
         f"({2 * int(args['batch_size'])} prompts); {args['rounds']} rounds; CAA method on "
         f"{args['caa_items'] if args['caa_items'] != 'None' else args['items']} items (its rate is per item, "
         "so it compares directly). Total wall time "
@@ -190,8 +192,9 @@ def write_report(results: dict, out: Path, findings: Path) -> None:
     rates = results.get("batch_rates") or []
     if rates:
         lines += ["## Forward-pass rate by batch size", "",
-                  f"The bare transformers forward pass on the same {rates[0]['tokens']} real tokens (the second-longest",
-                  "batch's items), counting only unpadded tokens; best of two passes after a warm-up.", "",
+                  f"The bare transformers forward pass on the same {rates[0]['tokens']} real tokens: items "
+                  f"{int(args['batch_size']) + 1} to {int(args['batch_size']) + int(args['rate_items'])} in longest-first order.",
+                  "Only unpadded tokens count, and each figure is the best of two passes after a warm-up.", "",
                   "| case | tokens/s | relative to the CAA method |", "| --- | --- | --- |"]
         caa_rate = rates[-1]["tokens_per_second"]
         for entry in rates:

@@ -170,7 +170,7 @@ def normalize_runs(runs: list[RunVectors]) -> NormalizedRuns:
         if run.d_model != runs[0].d_model or run.model_name != runs[0].model_name:
             raise RunError(
                 f"{run.directory} contains vectors of model {run.model_name!r} (d_model {run.d_model}), but "
-                f"{runs[0].directory} holds {runs[0].model_name!r} (d_model {runs[0].d_model}); "
+                f"{runs[0].directory} contains {runs[0].model_name!r} (d_model {runs[0].d_model}); "
                 "normalise runs of one model together."
             )
 

@@ -47,7 +47,7 @@ def run(
     prompt_format: Optional[str] = typer.Option(None, "--prompt-format", help="chat, llama2 or base. Default: chat if the tokenizer has a chat template, else base."),
     system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="System prompt for the chat and llama2 formats (prepended text for base)."),
     read_index: int = typer.Option(-2, "--read-index", help="Token position to read, counted from the end; -2 is the answer letter of '(A)'."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Items per forward pass (each item is two prompts); items run longest first."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Items per forward pass (each item is two prompts), run longest first."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N items of the dataset."),
     device: str = typer.Option("cpu", help="Torch device for local runs, e.g. cpu, cuda, cuda:1, mps."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16, float16 or float64. Averaging is always float64."),

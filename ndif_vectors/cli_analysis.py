@@ -16,6 +16,7 @@ from rich.table import Table
 
 from .console import configure_logging, console, fail
 
+
 def _load_single_run(vectors: Path, model_name: str | None):
     """Load the one behaviour run at ``vectors``; raise ``ValueError`` if the folder contains several."""
     from .analysis import load_runs

@@ -56,8 +56,8 @@ def longest_first(pairs: list[EncodedPair]) -> list[EncodedPair]:
 
     Batches cut from this order pad each row to a similar length. On the first 1000 CAA
     sycophancy items with batches of 16, padding adds 26% to the real tokens in dataset
-    order and 0.6% in this order. The longest batch also runs first, so a batch size that does not
-    fit in memory fails on the first batch.
+    order and 0.6% in this order. The batch of the longest prompts runs first, so a batch
+    size too large for memory fails on the first batch.
     """
     return sorted(pairs, key=lambda pair: max(len(pair.positive), len(pair.negative)), reverse=True)
 

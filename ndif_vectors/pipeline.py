@@ -188,7 +188,7 @@ class _PreparedRun:
     d_model: int
     prompt_format: prompts.PromptFormat
     pairs: list[prompts.EncodedPair]
-    """In processing order, longest first; each pair keeps its dataset index."""
+    """Pairs in processing order (longest first), each with its dataset index."""
     pad_token_id: int
     paths: storage.OutputPaths
     state: storage.RunState
@@ -313,7 +313,7 @@ def generate_vectors(
         items_done += n_items
         stats["requests"] += executor.requests - requests_before
         stats["bytes_downloaded"] += executor.bytes_downloaded - bytes_before
-        stats["result_bytes"] = stats.get("result_bytes", 0) + executor.result_bytes - result_bytes_before
+        stats["result_bytes"] += executor.result_bytes - result_bytes_before
         stats["seconds"] += time.monotonic() - request_started
         state.save(aggregate.state_dict(), items_done, stats)
         if progress:
@@ -350,7 +350,7 @@ def generate_vectors(
         "reduce": config.reduce,
         "requests": stats["requests"],
         "bytes_downloaded": stats["bytes_downloaded"],
-        "result_bytes": stats.get("result_bytes", 0),
+        "result_bytes": stats["result_bytes"],
         "seconds": round(stats["seconds"], 3),
         "wall_seconds": round(time.monotonic() - started, 3),
         "vector_norms": {str(layer): float(vectors[row].norm()) for row, layer in enumerate(layers)},

@@ -57,7 +57,7 @@ def test_sum_reduction_equals_slices(smollm2):
     assert summed.finite.tolist() == [True] * 4
 
 
-def test_longest_first_sorts_by_the_longer_prompt():
+def test_longest_first_orders_by_longer_prompt():
     lengths = [(5, 5), (9, 7), (3, 8), (9, 9), (8, 3), (2, 2)]
     pairs = [EncodedPair(index, [1] * positive, [1] * negative) for index, (positive, negative) in enumerate(lengths)]
     # Longer prompt of each pair: 5, 9, 8, 9, 8, 2; ties keep dataset order.
